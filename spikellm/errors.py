@@ -1,0 +1,27 @@
+"""Exceptions that the entry points turn into one clear line for the user."""
+
+
+class SpikeLLMError(Exception):
+    """Base class: a problem the user can fix; the message says what and how."""
+
+
+class ConfigError(SpikeLLMError, ValueError):
+    """A configuration value is invalid.
+
+    ``key`` is the config key relative to the object that raised it (``bits``); the entry
+    point prefixes the group it instantiated (``neuron.encoder``) so the user sees the full
+    override to change.
+    """
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+    def with_prefix(self, prefix: str) -> "ConfigError":
+        if not prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
+
+
+class DataError(SpikeLLMError):
+    """A corpus or tokenizer could not be loaded or is unusable."""
