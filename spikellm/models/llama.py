@@ -1,0 +1,209 @@
+"""A LLaMA-style decoder whose every projection is a :class:`SpikingLinear`.
+
+RMSNorm, rotary embeddings, grouped-query attention through ``scaled_dot_product_attention``,
+SwiGLU MLP, tied or untied head. Module names follow ``transformers``' ``LlamaForCausalLM`` so a
+Hugging Face state dict loads without renaming (:func:`from_hf_llama`). With no encoder and no
+weight quantizer the model is a plain LLaMA.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spikellm.errors import ConfigError
+from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of a LLaMA-style decoder (validated on construction)."""
+
+    vocab_size: int = 2048
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouping)
+    ffn_dim: int | None = None  # None: 8/3 · dim rounded up to a multiple of 64, as LLaMA does
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(key, value, "must be a positive integer")
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.ffn_dim = self.ffn_dim or 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ConfigError("n_heads", self.n_heads, f"must divide dim={self.dim} into heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def build(self, encoder: EncoderFactory | None = None,
+              weight_quantizer: WeightQuantizerFactory | None = None) -> "SpikingLlama":
+        return SpikingLlama(self, encoder, weight_quantizer)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 whatever the autocast dtype, as the reference LLaMA does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_seq_len).float(), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, T, D]`` by position; halves, not interleaved pairs (the HF layout)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, linear):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, linear):
+        super().__init__()
+        self.gate_proj = linear(cfg.dim, cfg.ffn_dim)
+        self.up_proj = linear(cfg.dim, cfg.ffn_dim)
+        self.down_proj = linear(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, linear):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, linear)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, linear)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SpikingLlama(nn.Module):
+    """LLaMA decoder; ``encoder``/``weight_quantizer`` build one module per projection (or None)."""
+
+    def __init__(self, config: LlamaConfig, encoder: EncoderFactory | None = None,
+                 weight_quantizer: WeightQuantizerFactory | None = None):
+        super().__init__()
+        self.config = config
+
+        def linear(in_features: int, out_features: int) -> SpikingLinear:
+            return SpikingLinear(in_features, out_features,
+                                 encoder=encoder() if encoder else None,
+                                 weight_quantizer=weight_quantizer() if weight_quantizer else None)
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # embeddings and the head stay in floating point (DESIGN.md §4)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # scale the residual projections so the residual stream does not grow with depth (GPT-2)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """``input_ids [B, T]`` → logits ``[B, T, vocab]``."""
+        seq = input_ids.shape[1]
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def spiking_linears(self) -> dict[str, SpikingLinear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, SpikingLinear)}
+
+
+def config_from_hf(hf_config) -> LlamaConfig:
+    """Our config for a ``transformers.LlamaConfig`` (biases and RoPE scaling are not supported)."""
+    if getattr(hf_config, "model_type", None) != "llama":
+        raise ConfigError("model_type", getattr(hf_config, "model_type", None), "only 'llama' loads natively")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ConfigError("attention_bias", True, "biases in projections are not supported natively")
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError("rope_type", rope.get("rope_type"), "only unscaled RoPE ('default') loads natively")
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return LlamaConfig(
+        vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers, n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads, ffn_dim=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings, rope_theta=float(theta),
+        norm_eps=hf_config.rms_norm_eps, tie_embeddings=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def from_hf_llama(hf_model, encoder: EncoderFactory | None = None,
+                  weight_quantizer: WeightQuantizerFactory | None = None) -> SpikingLlama:
+    """A :class:`SpikingLlama` holding the weights of a ``transformers.LlamaForCausalLM``."""
+    model = config_from_hf(hf_model.config).build(encoder, weight_quantizer)
+    state = {key.removeprefix("model."): value for key, value in hf_model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # encoder/quantizer buffers are ours, and a tied head has no separate tensor in HF
+    missing = [k for k in missing if ".encoder." not in k and ".weight_quantizer." not in k]
+    if missing or unexpected:
+        raise ConfigError("state_dict", f"missing={missing[:4]} unexpected={unexpected[:4]}",
+                          "the Hugging Face model does not match a LLaMA of its own config")
+    return model
+

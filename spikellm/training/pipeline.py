@@ -1,0 +1,105 @@
+"""The main job: validate the whole config, train, validate, checkpoint, summarise.
+
+``train.py`` composes the config with Hydra and calls :func:`run_training`; everything that can be
+checked is checked before the first training step, and a user-fixable problem is raised as a
+:class:`~spikellm.errors.SpikeLLMError` whose message is the one line the user sees.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from spikellm.config import build, build_neuron, require_positive_int
+from spikellm.errors import ConfigError
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (also what the summary prints)."""
+
+    output_dir: Path
+    checkpoint: Path
+    steps: int
+    tokens_seen: int
+    seconds: float
+    val_loss: float
+    val_ppl: float
+    initial_val_ppl: float | None = None
+    log_dirs: list[Path] = field(default_factory=list)
+
+
+def _check_cross_group(cfg: DictConfig, model_config) -> None:
+    require_positive_int("trainer.max_steps", cfg.trainer.get("max_steps"))
+    block = cfg.data.get("block_size")
+    if isinstance(block, int) and block > model_config.max_seq_len:
+        raise ConfigError("data.block_size", block,
+                          f"exceeds model.max_seq_len={model_config.max_seq_len}; "
+                          "lower data.block_size or raise model.max_seq_len")
+
+
+def prepare(cfg: DictConfig):
+    """Build and validate everything a run needs, in the order cheap checks first."""
+    model_config = build(cfg.model, "model")
+    build_neuron(cfg.neuron)  # fails here, before any data work, on a bad encoder parameter
+    _check_cross_group(cfg, model_config)
+    datamodule = build(cfg.data, "data")
+    datamodule.setup("fit")
+    if datamodule.vocab_size > model_config.vocab_size:
+        raise ConfigError("model.vocab_size", model_config.vocab_size,
+                          f"smaller than the tokenizer's {datamodule.vocab_size} tokens; raise it")
+    task = build(cfg.task, "task", model=OmegaConf.to_container(cfg.model, resolve=True),
+                 neuron=OmegaConf.to_container(cfg.neuron, resolve=True),
+                 max_steps=cfg.trainer.max_steps)
+    return datamodule, task
+
+
+def run_training(cfg: DictConfig) -> TrainResult:
+    """Train ``cfg.model`` with ``cfg.neuron`` on ``cfg.data``; see the module docstring."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, task = prepare(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    initial_ppl = None
+    if cfg.get("ckpt_path") is None and cfg.get("validate_at_start", True):
+        initial_ppl = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/ppl"]
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    block = datamodule.hparams.block_size * datamodule.hparams.batch_size
+    return TrainResult(
+        output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
+        tokens_seen=trainer.global_step * block, seconds=time.perf_counter() - start,
+        val_loss=float(final["val/loss"]), val_ppl=float(final["val/ppl"]),
+        initial_val_ppl=None if initial_ppl is None else float(initial_ppl),
+        log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
+    )
+
+
+def print_summary(result: TrainResult, title: str = "spikellm: training done") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    if result.initial_val_ppl is not None:
+        table.add_row("val ppl at step 0", f"{result.initial_val_ppl:,.2f}")
+    table.add_row("val loss", f"{result.val_loss:.4f}")
+    table.add_row("val ppl", f"{result.val_ppl:,.2f}" if math.isfinite(result.val_ppl) else "inf")
+    table.add_row("steps / tokens", f"{result.steps} / {result.tokens_seen:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("checkpoint", str(result.checkpoint))
+    for log_dir in result.log_dirs:
+        table.add_row("logs", str(log_dir))
+    Console().print(table)

@@ -1,0 +1,82 @@
+"""The LightningModule that trains a (spiking) causal language model."""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from spikellm.config import build, build_neuron
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CausalLMTask(pl.LightningModule):
+    """Next-token cross-entropy with AdamW and warmup + cosine.
+
+    ``model`` and ``neuron`` are the config groups as plain dicts (``_target_`` inside), so a
+    checkpoint carries everything needed to rebuild the model: ``CausalLMTask.load_from_checkpoint``.
+    """
+
+    def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000):
+        super().__init__()
+        self.save_hyperparameters()
+        encoder, weight_quantizer = build_neuron(neuron)
+        self.model = build(model, "model").build(encoder, weight_quantizer)
+        self.val_nll = MeanMetric()
+        self._last_step_end: float | None = None
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def _loss(self, batch) -> tuple[Tensor, int]:
+        inputs, targets = batch
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), targets.numel()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        loss, tokens = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        now = time.perf_counter()
+        if self._last_step_end is not None:  # wall time of a whole step: data, forward, backward, update
+            self.log("train/tok_s", tokens / (now - self._last_step_end), prog_bar=True)
+        self._last_step_end = now
+        return loss
+
+    def on_train_epoch_start(self):
+        self._last_step_end = None
+
+    def validation_step(self, batch, batch_idx: int):
+        loss, tokens = self._loss(batch)
+        self.val_nll.update(loss, weight=tokens)  # token-weighted, so the last short batch counts right
+
+    def on_validation_epoch_end(self):
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/ppl", torch.exp(nll), prog_bar=True)
+        self._last_step_end = None  # validation time is not training throughput
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
