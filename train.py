@@ -6,7 +6,9 @@ Examples::
     python train.py neuron=none trainer.max_steps=50  # dense baseline, fewer steps
     python train.py ckpt_path=outputs/.../checkpoints/last.ckpt trainer.max_steps=600  # resume
 """
+import logging
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -14,10 +16,26 @@ from omegaconf import DictConfig
 from spikellm.errors import SpikeLLMError
 
 
+def _one_log_stream() -> None:
+    """Hydra already logs to the console and to the run's log file; Lightning adds a second
+    console handler (every line twice) and product tips. Keep Hydra's, drop the tips."""
+    import lightning.pytorch  # noqa: F401  (its import installs the handler we remove)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_log = logging.getLogger(name)
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+        lightning_log.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "💡 Tip" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own, not the user's
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from spikellm.training.pipeline import print_summary, run_training
 
+    _one_log_stream()
     try:
         result = run_training(cfg)
     except SpikeLLMError as error:

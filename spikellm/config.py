@@ -40,9 +40,3 @@ def build_neuron(neuron: dict | DictConfig | None, key: str = "neuron"):
         return None, None
     return (build(neuron.get("encoder"), f"{key}.encoder"),
             build(neuron.get("weight_quantizer"), f"{key}.weight_quantizer"))
-
-
-def require_positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "must be a positive integer")
-    return value

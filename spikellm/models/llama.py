@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spikellm.checks import check_int
 from spikellm.errors import ConfigError
 from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
 
@@ -35,9 +36,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, value, "must be a positive integer")
+            check_int(key, getattr(self, key), 1)
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.ffn_dim = self.ffn_dim or 64 * math.ceil(8 * self.dim / 3 / 64)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:

@@ -17,26 +17,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from spikellm.errors import ConfigError
 from spikellm.neurons.functional import straight_through
-
-
-def check_int(key: str, value, low: int, high: int | None = None) -> int:
-    """Validate an integer encoder parameter, naming the key and the allowed range."""
-    allowed = f"must be an integer in [{low}, {high}]" if high is not None else f"must be an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ConfigError(key, value, allowed)
-    return value
-
-
-def check_float(key: str, value, low: float, high: float, low_open: bool = False) -> float:
-    """Validate a real encoder parameter in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-    bracket = "(" if low_open else "["
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
-    ok = ok and (value > low if low_open else value >= low)
-    if not ok:
-        raise ConfigError(key, value, f"must be a number in {bracket}{low}, {high}]")
-    return float(value)
 
 
 class SpikeEncoder(nn.Module, ABC):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from spikellm.neurons.base import SpikeEncoder, check_float, check_int
+from spikellm.checks import check_float, check_int
+from spikellm.neurons.base import SpikeEncoder
 from spikellm.neurons.functional import symmetric_step, ternary_counts, ternary_spike_train
 
 

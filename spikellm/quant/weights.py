@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from spikellm.errors import ConfigError
-from spikellm.neurons.base import check_int
+from spikellm.checks import check_int
 from spikellm.neurons.functional import round_half_up, straight_through
 
 

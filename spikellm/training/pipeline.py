@@ -13,7 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from spikellm.config import build, build_neuron, require_positive_int
+from spikellm.checks import check_int
+from spikellm.config import build, build_neuron
 from spikellm.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ class TrainResult:
 
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
-    require_positive_int("trainer.max_steps", cfg.trainer.get("max_steps"))
+    check_int("trainer.max_steps", cfg.trainer.get("max_steps"), 1)
     block = cfg.data.get("block_size")
     if isinstance(block, int) and block > model_config.max_seq_len:
         raise ConfigError("data.block_size", block,
@@ -51,7 +52,9 @@ def prepare(cfg: DictConfig):
     if datamodule.vocab_size > model_config.vocab_size:
         raise ConfigError("model.vocab_size", model_config.vocab_size,
                           f"smaller than the tokenizer's {datamodule.vocab_size} tokens; raise it")
-    task = build(cfg.task, "task", model=OmegaConf.to_container(cfg.model, resolve=True),
+    # not recursive: the task receives model/neuron as plain dicts and builds them itself, so
+    # they are saved in its checkpoint's hyperparameters
+    task = build(cfg.task, "task", _recursive_=False, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
                  neuron=OmegaConf.to_container(cfg.neuron, resolve=True),
                  max_steps=cfg.trainer.max_steps)
     return datamodule, task
@@ -72,10 +75,11 @@ def run_training(cfg: DictConfig) -> TrainResult:
     initial_ppl = None
     if cfg.get("ckpt_path") is None and cfg.get("validate_at_start", True):
         initial_ppl = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/ppl"]
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable
     block = datamodule.hparams.block_size * datamodule.hparams.batch_size
     return TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
@@ -92,7 +96,7 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths are long; wrap them, never cut them
     if result.initial_val_ppl is not None:
         table.add_row("val ppl at step 0", f"{result.initial_val_ppl:,.2f}")
     table.add_row("val loss", f"{result.val_loss:.4f}")

@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from spikellm.config import build, build_neuron
 
@@ -35,7 +34,7 @@ class CausalLMTask(pl.LightningModule):
         self.save_hyperparameters()
         encoder, weight_quantizer = build_neuron(neuron)
         self.model = build(model, "model").build(encoder, weight_quantizer)
-        self.val_nll = MeanMetric()
+        self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -58,13 +57,17 @@ class CausalLMTask(pl.LightningModule):
     def on_train_epoch_start(self):
         self._last_step_end = None
 
+    def on_validation_epoch_start(self):
+        self._val_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch, batch_idx: int):
         loss, tokens = self._loss(batch)
-        self.val_nll.update(loss, weight=tokens)  # token-weighted, so the last short batch counts right
+        # token-weighted, so a last short batch counts for its tokens, not as a whole batch
+        self._val_totals = self._val_totals + torch.stack([loss.double() * tokens, loss.new_tensor(tokens).double()])
 
     def on_validation_epoch_end(self):
-        nll = self.val_nll.compute()
-        self.val_nll.reset()
+        totals = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
+        nll = (totals[0] / totals[1]).float()
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/ppl", torch.exp(nll), prog_bar=True)
         self._last_step_end = None  # validation time is not training throughput

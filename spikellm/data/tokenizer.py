@@ -1,0 +1,169 @@
+"""Tokenizers: a byte-level BPE trained on the corpus (cached on disk), or a local Hugging Face one."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from spikellm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+MIN_BPE_VOCAB = 257  # the 256 byte tokens and EOS
+# Part of the BPE cache key: bump it when training settings change so stale caches are not reused.
+BPE_FORMAT_VERSION = "bytelevel-bpe-v1"
+
+
+class Tokenizer:
+    """Text <-> token ids over a trained ``tokenizers.Tokenizer`` or a ``transformers`` tokenizer.
+
+    Encoding adds no special tokens, and a literal ``<|endoftext|>`` (or the backend's eos text)
+    inside a document is encoded as plain text, so only the data pipeline marks document ends.
+    """
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._raw = isinstance(backend, tokenizers.Tokenizer)
+        if self._raw:
+            backend.encode_special_tokens = True
+            self.eos_id = backend.token_to_id(EOS)
+            serialized = backend.to_str().encode()
+        else:
+            self.eos_id = backend.eos_token_id
+            serialized = _serialize_pretrained(backend)
+        if self.eos_id is None:
+            raise DataError(f"the tokenizer has no end-of-text token ({EOS} or eos_token), which separates "
+                            f"documents; add one to it or leave data.tokenizer_path unset to train a BPE")
+        self.fingerprint = hashlib.sha256(serialized).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (the model's embedding size must cover it)."""
+        return self._backend.get_vocab_size(with_added_tokens=True) if self._raw else len(self._backend)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """Token ids of each text; runs in parallel in the Rust backend, so prefer it for corpora."""
+        texts = list(texts)
+        if self._raw:
+            return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        # verbose=False: documents are longer than model_max_length by design; they are packed into blocks later.
+        return self._backend(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (a list or a 1-D tensor); special tokens are kept, so eos stays visible."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write a Hugging Face tokenizer directory, loadable with ``build_tokenizer(tokenizer_path=...)``."""
+        pretrained = _as_pretrained(self._backend) if self._raw else self._backend
+        pretrained.save_pretrained(str(directory))
+
+
+def check_tokenizer_args(vocab_size: int, tokenizer_path: str | os.PathLike | None) -> None:
+    """Raise ConfigError for a missing tokenizer directory or a BPE vocab_size too small for bytes + eos."""
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).expanduser().is_dir():
+            raise ConfigError("tokenizer_path", str(tokenizer_path),
+                              "no such directory; set data.tokenizer_path to a local Hugging Face tokenizer "
+                              "directory, or to null to train a byte-level BPE on the corpus")
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError("vocab_size", vocab_size,
+                          f"must be an integer >= {MIN_BPE_VOCAB} (256 byte tokens + {EOS}) for the byte-level BPE")
+
+
+def build_tokenizer(train_documents: Sequence[str], vocab_size: int, tokenizer_path: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike = "~/.cache/spikellm") -> Tokenizer:
+    """The tokenizer at ``tokenizer_path``, or else a byte-level BPE trained on ``train_documents``.
+
+    The BPE is cached under ``cache_dir`` keyed by the documents and ``vocab_size``, so a rerun on
+    the same corpus loads it instead of training again. ``vocab_size`` is an upper bound: a small
+    corpus may run out of merges first. It is ignored when ``tokenizer_path`` is given.
+    """
+    check_tokenizer_args(vocab_size, tokenizer_path)
+    if tokenizer_path is not None:
+        return _load_pretrained(Path(tokenizer_path).expanduser())
+    key = digest_documents(train_documents, f"{BPE_FORMAT_VERSION}:{vocab_size}")
+    cache = Path(cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
+    if cache.exists():
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(cache)))
+    log.info("training a %d-token byte-level BPE on %d documents", vocab_size, len(train_documents))
+    backend = _train_bpe(train_documents, vocab_size)
+    atomic_write(cache, lambda f: f.write(backend.to_str().encode()))
+    return Tokenizer(backend)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create ``path`` by ``write``-ing a temporary file beside it and renaming it into place.
+
+    The rename is atomic, so a reader (or a run after a kill) sees the whole file or none of it.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
+                          "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def digest_documents(documents: Sequence[str], salt: str) -> str:
+    """A cache key for ``documents`` (in order) under ``salt`` (what else the cached result depends on)."""
+    digest = hashlib.sha256(salt.encode() + b"\0")
+    for doc in documents:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
+        data = doc.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:32]
+
+
+def _train_bpe(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+    backend = tokenizers.Tokenizer(models.BPE())
+    # No prefix space: it would make decode(encode(text)) add a leading space.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte, seen or not
+    backend.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    return backend
+
+
+def _as_pretrained(backend: tokenizers.Tokenizer):
+    import transformers  # only saving and pretrained tokenizers need it, and it is slow to import
+
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
+
+
+def _load_pretrained(path: Path) -> Tokenizer:
+    import transformers
+
+    try:
+        backend = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/... with multi-line hints
+        detail = str(e).strip().splitlines()
+        raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {detail[0] if detail else ''}); "
+                        f"data.tokenizer_path must be a Hugging Face tokenizer directory (save_pretrained)") from e
+    return Tokenizer(backend)
+
+
+def _serialize_pretrained(backend) -> bytes:
+    """The files ``save_pretrained`` writes, concatenated (not the source directory: it may hold model weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.save_pretrained(tmp)
+        return b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file())

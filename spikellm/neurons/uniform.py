@@ -1,0 +1,37 @@
+"""The collapsed form shared by the IF, GIF and bit-plane encoders."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from spikellm.checks import check_bool, check_float, check_int
+from spikellm.neurons.base import SpikeEncoder
+from spikellm.neurons.rate_functional import clamped_counts, count_limit, rate_step
+
+
+class UniformCountEncoder(SpikeEncoder):
+    """Counts ``0..2^b-1`` (unsigned) or ``±(2^(b-1)-1)`` (signed) on a per-token step; the
+    subclasses differ only in how a count is fired over time (``num_steps``, ``train_from``).
+
+    Args:
+        bits: b in [1, 16] unsigned or in [2, 16] signed.
+        gamma: per-token clipping quantile of ``|x|`` (signed) or of ``relu(x)`` (unsigned), in (0, 1].
+        signed: symmetric counts and signed spikes. Unsigned drops negative activations to 0, so
+            LLaMA projections (signed inputs) need ``signed=True``.
+    """
+
+    def __init__(self, bits: int = 4, gamma: float = 1.0, signed: bool = False):
+        super().__init__()
+        self.signed = check_bool("signed", signed)
+        self.bits = check_int("bits", bits, 2 if self.signed else 1, 16)
+        self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
+        self.max_count = count_limit(self.bits, self.signed)
+        self.min_count = -self.max_count if self.signed else 0
+
+    def step_size(self, x: Tensor) -> Tensor:
+        return rate_step(x, self.max_count, self.gamma, self.signed)
+
+    def counts(self, x: Tensor, step: Tensor) -> Tensor:
+        return clamped_counts(x, step, self.min_count, self.max_count)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, T={self.num_steps}"

@@ -1,0 +1,40 @@
+"""The main job end to end: loss falls, a checkpoint is written, and resuming continues it."""
+import csv
+
+import torch
+from conftest import run_script
+
+from spikellm.training import CausalLMTask
+from spikellm.training.pipeline import run_training
+
+
+def test_short_run_learns(config_factory):
+    cfg = config_factory("experiment=smoke", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                         "validate_at_start=true", "logger=none")
+    result = run_training(cfg)
+    assert result.steps == 30
+    assert result.val_ppl < 0.6 * result.initial_val_ppl
+    assert result.checkpoint.is_file()
+
+
+def test_train_py_writes_a_checkpoint_that_resumes(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = run_script("train.py", "experiment=smoke", "trainer.max_steps=3", f"hydra.run.dir={first}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    printed = "".join(done.stdout.replace("│", "").split())  # the summary table wraps long paths
+    assert "valppl" in printed and "".join(str(checkpoint).split()) in printed
+
+    done = run_script("train.py", "experiment=smoke", "trainer.max_steps=6", f"ckpt_path={checkpoint}",
+                      f"hydra.run.dir={second}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    with open(second / "csv" / "metrics.csv") as f:
+        logged_steps = {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    assert logged_steps and min(logged_steps) >= 3  # continued, did not start over
+
+    task = CausalLMTask.load_from_checkpoint(second / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert task.hparams.neuron["name"] == "ternary"
+    assert len(task.model.spiking_linears()) == 2 * 7
