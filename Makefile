@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-all clean
 
+# torch pinned in the same pip command as everything else: a CPU build, never a CUDA one
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch pinned in the same command as everything else: a CPU build, never a CUDA one
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"
 	touch $(STAMP)
 

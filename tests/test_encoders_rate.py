@@ -128,10 +128,12 @@ def test_gif_top_count_is_exact_where_the_paper_is_off_by_one():
 
 def test_if_train_spreads_spikes_evenly_and_bitplanes_are_binary_digits():
     counts = torch.tensor([0.0, 1.0, 5.0, 7.0])
-    spikes = IFEncoder(bits=3).train_from(counts, torch.tensor(1.0))  # step 1: x is the count
+    encoder = IFEncoder(bits=3)
+    spikes = encoder.train_from(counts, torch.tensor(1.0), *encoder.count_bounds())  # step 1: x is the count
     t = torch.arange(1, 8).unsqueeze(1)
     assert torch.equal(spikes, torch.floor(t * counts / 7) - torch.floor((t - 1) * counts / 7))
-    planes = BitPlaneEncoder(bits=4, signed=True).train_from(torch.tensor([5.0, -3.0]), torch.tensor(1.0))
+    planes_encoder = BitPlaneEncoder(bits=4, signed=True)
+    planes = planes_encoder.train_from(torch.tensor([5.0, -3.0]), torch.tensor(1.0), *planes_encoder.count_bounds())
     assert planes.T.tolist() == [[1, 0, 1], [0, -1, -1]]
     popcounts = BitPlaneEncoder(bits=4).spikes_per_count(torch.tensor([0.0, 7.0, 8.0, 15.0]))
     assert popcounts.tolist() == [0, 3, 1, 4]

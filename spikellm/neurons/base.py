@@ -9,61 +9,133 @@ An encoder maps activations ``x`` to integer spike counts ``n`` and a step (thre
 
 :meth:`forward` returns ``n · Δ`` with a straight-through gradient, so any module can sit behind an
 encoder without knowing which one it is: new encoders plug in without touching the model.
+
+Three options apply to every encoder, implemented once here:
+
+* per-input-channel step allocation (Optimal Brain Spiking): :meth:`allocate_channels` gives the
+  chosen channels ``m = 2^addbit`` times the steps, a step ``Δ/m`` and counts up to ``m`` times
+  larger; the allocation is a buffer saved with the model;
+* a learnable step size (LSQ, Esser et al. 2020): ``learnable_step=True`` multiplies the dynamic
+  per-token step by a learned scalar trained with the LSQ gradient;
+* firing statistics in closed form from the counts (:mod:`spikellm.neurons.stats`).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
 
-from spikellm.neurons.functional import straight_through
+from spikellm.checks import check_bool, check_int
+from spikellm.errors import ConfigError
+from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound, straight_through
+
+GRANULARITIES = ("token", "channel")
 
 
 class SpikeEncoder(nn.Module, ABC):
     """Base class of activation spike encoders (see the module docstring for the contract)."""
 
-    #: lowest and highest count the encoder emits, used for the straight-through window
+    #: lowest and highest count of a channel with no extra steps allocated
     min_count: int
     max_count: int
+    #: counts the clipping bound is mapped onto (Δ = bound / step_levels), and the quantile γ
+    step_levels: int
+    gamma: float
 
-    @property
-    @abstractmethod
-    def num_steps(self) -> int:
-        """T: the number of time steps of the temporal form."""
+    def __init__(self, learnable_step: bool = False, granularity: str = "token"):
+        super().__init__()
+        self.learnable_step = check_bool("learnable_step", learnable_step)
+        if granularity not in GRANULARITIES:
+            raise ConfigError("granularity", granularity, "must be one of: " + ", ".join(GRANULARITIES))
+        self.granularity = granularity
+        self.step_scale = nn.Parameter(torch.ones(())) if self.learnable_step else None
+        self.register_buffer("channel_scale", None)  # [C] step multiplier per input channel, or None
+        self.stats = None  # a SpikeStats while statistics are tracked
 
+    # ---- what an encoder defines ----------------------------------------------------------
     @abstractmethod
+    def steps_for(self, max_abs_count: int) -> int:
+        """Time steps the temporal form needs to fire a count of this magnitude."""
+
+    def magnitude(self, x: Tensor) -> Tensor:
+        """What the clipping bound is taken of (``|x|``; unsigned codes use the positive part)."""
+        return x.detach().float().abs()
+
     def step_size(self, x: Tensor) -> Tensor:
-        """Δ, broadcastable against ``x`` (fp32)."""
+        """The dynamic step Δ (fp32): per token ``[..., 1]`` from the γ-quantile of the token, or per
+        channel ``[..., T, C]`` from the running maximum over the tokens so far (``x [..., T, C]``)."""
+        magnitude = self.magnitude(x)
+        bound = causal_channel_bound(magnitude) if self.granularity == "channel" else quantile_bound(magnitude, self.gamma)
+        return bound.clamp_min(1e-8) / self.step_levels
 
     @abstractmethod
-    def counts(self, x: Tensor, step: Tensor) -> Tensor:
-        """Collapsed form: integer-valued fp32 counts, same shape as ``x``."""
+    def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        """Collapsed form: integer-valued fp32 counts in ``[low, high]`` (ints or tensors)."""
 
     @abstractmethod
-    def train_from(self, x: Tensor, step: Tensor) -> Tensor:
-        """Temporal form: simulate the neuron, ``[T, *x.shape]`` fp32 spikes."""
+    def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        """Temporal form: simulate the neuron, ``[T, *x.shape]`` fp32 spikes decoding into ``[low, high]``."""
 
     def time_weights(self) -> Tensor:
         """Weight of each time step when decoding a train (all ones for rate codes)."""
         return torch.ones(self.num_steps)
 
     def spikes_per_count(self, counts: Tensor) -> Tensor:
-        """Non-zero spikes each activation emits, in closed form from its count."""
+        """Non-zero spikes each activation emits, in closed form (binary and ternary codes: ``|n|``)."""
         return counts.abs()
+
+    def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
+        """Counts sent beside the train as a sparse stream (clipped residuals), or None."""
+        return None
+
+    def steps_used(self, max_abs_count: int) -> int:
+        """Steps after which every neuron of a tensor whose largest count is given has gone quiet."""
+        return self.steps_for(max_abs_count)
+
+    # ---- derived, shared by every encoder -------------------------------------------------
+    @property
+    def max_scale(self) -> int:
+        return 1 if self.channel_scale is None else int(self.channel_scale.max().item())
+
+    @property
+    def num_steps(self) -> int:
+        """T: time steps of the temporal form (those of the channels with the most steps)."""
+        return self.steps_for(max(abs(self.min_count), abs(self.max_count)) * self.max_scale)
+
+    def count_bounds(self):
+        """``(low, high)`` count bounds: ints, or ``[C]`` tensors once channels are allocated."""
+        if self.channel_scale is None:
+            return self.min_count, self.max_count
+        return self.min_count * self.channel_scale, self.max_count * self.channel_scale
+
+    def element_step(self, x: Tensor) -> Tensor:
+        """Δ of every element: the per-token step, times the learned scale, over the channel scale."""
+        step = self.step_size(x)
+        if self.step_scale is not None:
+            step = step * self.step_scale.detach().abs().clamp_min(1e-4)
+        return step if self.channel_scale is None else step / self.channel_scale
+
+    def allocate_channels(self, salient: Tensor, addbit: int) -> None:
+        """Give the channels where ``salient`` ([C] bool) is set ``2^addbit`` times the steps."""
+        addbit = check_int("addbit", addbit, 0, 8)
+        if salient.dim() != 1 or salient.dtype != torch.bool:
+            raise ConfigError("salient", tuple(salient.shape), "must be a 1-D bool mask over input channels")
+        self.channel_scale = torch.where(salient, 2.0 ** addbit, 1.0).to(salient.device)
 
     # ---- the public two forms -------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Collapsed form: ``(counts, step)``."""
-        step = self.step_size(x)
-        return self.counts(x, step), step
+        """Collapsed form: ``(counts, step)``, ``step`` broadcastable against ``x``."""
+        step = self.element_step(x)
+        return self.counts(x, step, *self.count_bounds()), step
 
     @torch.no_grad()
     def spike_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Temporal form: ``(spikes [T, *x.shape], step)``."""
-        step = self.step_size(x)
-        return self.train_from(x, step), step
+        step = self.element_step(x)
+        return self.train_from(x, step, *self.count_bounds()), step
 
     def decode(self, spikes: Tensor) -> Tensor:
         """Counts carried by a train: ``Σ_t w_t · s_t``."""
@@ -71,8 +143,17 @@ class SpikeEncoder(nn.Module, ABC):
         return (spikes * weights).sum(0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window."""
+        """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
+        (and, with a learnable step, reaches the step by the LSQ rule)."""
         counts, step = self.encode(x)
-        x32 = x.detach().float()
-        inside = (x32 >= (self.min_count - 0.5) * step) & (x32 <= (self.max_count + 0.5) * step)
-        return straight_through(x, counts * step, inside)
+        with torch.no_grad():
+            outliers = self.outlier_counts(x, step, counts)
+            if self.stats is not None:
+                self.stats.update(self, counts, outliers)
+            total = counts if outliers is None else counts + outliers
+            # inside the window = not clipped: the rounding error is at most half a step
+            inside = (x.detach().float() / step - total).abs() <= 0.5
+        if self.step_scale is None:
+            return straight_through(x, total * step, inside)
+        grad_scale = 1.0 / math.sqrt(x.numel() * max(abs(self.min_count), self.max_count))
+        return learned_step_quantize(x, self.step_scale, total, step, inside, grad_scale)

@@ -20,12 +20,11 @@ class BitPlaneEncoder(UniformCountEncoder):
         signed: spikes carry the sign of the count, for signed inputs such as LLaMA projections.
     """
 
-    @property
-    def num_steps(self) -> int:
-        return self.bits - 1 if self.signed else self.bits
+    def steps_for(self, max_abs_count: int) -> int:
+        return int(max_abs_count).bit_length()  # MSB-first planes: leading empty planes are skipped
 
-    def train_from(self, x: Tensor, step: Tensor) -> Tensor:
-        return bitplane_spike_train(self.counts(x, step), self.num_steps)
+    def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return bitplane_spike_train(self.counts(x, step, low, high), self.num_steps)
 
     def time_weights(self) -> Tensor:
         return bitplane_weights(self.num_steps)

@@ -47,42 +47,74 @@ def straight_through(x: Tensor, quantized: Tensor, passthrough: Tensor) -> Tenso
     return _StraightThrough.apply(x, quantized.to(x.dtype), passthrough)
 
 
-def token_clip_bound(x: Tensor, gamma: float) -> Tensor:
-    """Per-token clipping bound: the ``gamma`` quantile of ``|x|`` over the last dim, kept dim.
+def quantile_bound(magnitude: Tensor, gamma: float) -> Tensor:
+    """Per-token clipping bound: the ``gamma`` quantile of ``magnitude`` over the last dim, kept dim.
 
-    ``gamma == 1`` is the absolute maximum. The quantile is the ``ceil(gamma * d)``-th smallest
-    value (no interpolation), so it is one of the token's own magnitudes.
+    ``gamma == 1`` is the maximum. The quantile is the ``ceil(gamma * d)``-th smallest value (no
+    interpolation), so it is one of the token's own magnitudes.
     """
-    magnitude = x.detach().abs().float()
     if gamma >= 1.0:
         return magnitude.amax(dim=-1, keepdim=True)
-    k = max(1, min(x.shape[-1], math.ceil(gamma * x.shape[-1])))
+    k = max(1, min(magnitude.shape[-1], math.ceil(gamma * magnitude.shape[-1])))
     return magnitude.kthvalue(k, dim=-1, keepdim=True).values
 
 
-def symmetric_step(x: Tensor, levels: int, gamma: float, eps: float = 1e-8) -> Tensor:
-    """Per-token step Δ mapping the clipping bound onto ``levels`` (= Q) positive counts."""
-    return token_clip_bound(x, gamma).clamp_min(eps) / levels
+def causal_channel_bound(magnitude: Tensor) -> Tensor:
+    """Per-channel clipping bound over tokens ``[..., T, C]``: the running maximum up to each token,
+    so a token's step never depends on later tokens (no leak of the future in a causal model)."""
+    return magnitude.cummax(dim=-2).values
 
 
-def ternary_counts(x: Tensor, step: Tensor, max_count: int) -> Tensor:
-    """Collapsed bidirectional ternary encoder: ``clamp(round_half_up(x / Δ), -c, c)`` (fp32)."""
-    return round_half_up(x.float() / step).clamp(-max_count, max_count)
+def ternary_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
+    """Collapsed bidirectional ternary encoder: ``clamp(round_half_up(x / Δ), low, high)`` (fp32)."""
+    return round_half_up(x.float() / step).clamp(low, high)
 
 
-def ternary_spike_train(x: Tensor, step: Tensor, num_steps: int) -> Tensor:
+def ternary_spike_train(x: Tensor, step: Tensor, num_steps: int, limit=None) -> Tensor:
     """Temporal bidirectional neuron: ``[T, *x.shape]`` spikes in {-1, 0, +1} (fp32).
 
     The membrane starts at ``x / Δ`` (in units of the threshold). Each step it fires +1 when
-    ``u >= 1/2`` or -1 when ``u < -1/2`` and subtracts what it fired (soft reset). After at most
-    T steps it stops, which is what clamps the count to ``±T`` (membrane clipping). The asymmetric
-    comparison makes a tie fire towards +inf, matching :func:`round_half_up`; subtracting ±1 from
-    the membrane is exact in fp32 whenever the neuron can still stop before T.
+    ``u >= 1/2`` or -1 when ``u < -1/2`` and subtracts what it fired (soft reset). It stops after
+    T steps, or after ``limit`` spikes (an int or a per-channel tensor, for channels given fewer
+    steps than T), which is what clamps the count (membrane clipping). The asymmetric comparison
+    makes a tie fire towards +inf, matching :func:`round_half_up`; subtracting ±1 from the
+    membrane is exact in fp32 whenever the neuron can still stop before its limit.
     """
     membrane = x.float() / step
+    budget = None if limit is None or isinstance(limit, int) and limit >= num_steps else limit
+    emitted = torch.zeros_like(membrane)
     spikes = []
     for _ in range(num_steps):
         fired = (membrane >= 0.5).float() - (membrane < -0.5).float()
+        if budget is not None:
+            fired = fired * (emitted.abs() < budget)
+            emitted = emitted + fired
         membrane = membrane - fired
         spikes.append(fired)
     return torch.stack(spikes) if spikes else membrane.new_zeros((0, *x.shape))
+
+
+class _LearnedStep(torch.autograd.Function):
+    """LSQ: value ``n · Δ``; ∂/∂x straight through inside the window, ∂/∂Δ = ``n - x/Δ`` inside and
+    ``n`` (the bound) outside, passed to the step's scale ``s`` through ``Δ = s · Δ₀``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, counts, step, inside, grad_scale):
+        ctx.save_for_backward(x, scale, counts, step, inside)
+        ctx.grad_scale = grad_scale
+        return (counts * step).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, counts, step, inside = ctx.saved_tensors
+        grad32 = grad.float()
+        d_value_d_step = torch.where(inside, counts - x.float() / step, counts)
+        grad_scale = (grad32 * d_value_d_step * step).sum() / scale.detach().abs().clamp_min(1e-4)
+        return grad * inside.to(grad.dtype), (grad_scale * ctx.grad_scale).reshape(scale.shape), None, None, None, None
+
+
+def learned_step_quantize(x: Tensor, scale: Tensor, counts: Tensor, step: Tensor, inside: Tensor,
+                          grad_scale: float) -> Tensor:
+    """``counts · step`` exactly, with the LSQ gradient to ``scale`` (``step = scale · Δ₀``),
+    multiplied by ``grad_scale`` (LSQ's ``1 / sqrt(N · Q)``)."""
+    return _LearnedStep.apply(x, scale, counts, step, inside, grad_scale)

@@ -25,18 +25,18 @@ class GIFEncoder(UniformCountEncoder):
         signed: symmetric counts with signed spikes, for signed inputs such as LLaMA projections.
     """
 
-    def __init__(self, bits: int = 4, levels: int = 4, gamma: float = 1.0, signed: bool = False):
-        super().__init__(bits, gamma, signed)
+    def __init__(self, bits: int = 4, levels: int = 4, gamma: float = 1.0, signed: bool = False,
+                 learnable_step: bool = False, granularity: str = "token"):
+        super().__init__(bits, gamma, signed, learnable_step, granularity)
         self.levels = check_int("levels", levels, 2, 256)
         if self.levels & (self.levels - 1):
             raise ConfigError("levels", levels, "must be a power of two in [2, 256]")
 
-    @property
-    def num_steps(self) -> int:
-        return -(-self.max_count // (self.levels - 1))  # ceil
+    def steps_for(self, max_abs_count: int) -> int:
+        return -(-max_abs_count // (self.levels - 1))  # ceil
 
-    def train_from(self, x: Tensor, step: Tensor) -> Tensor:
-        return gif_spike_train(self.counts(x, step), self.levels, self.num_steps)
+    def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return gif_spike_train(self.counts(x, step, low, high), self.levels, self.num_steps)
 
     def spikes_per_count(self, counts: Tensor) -> Tensor:
         return gif_spikes_per_count(counts, self.levels)

@@ -26,9 +26,12 @@ class IFEncoder(UniformCountEncoder):
             negative activations to 0, so LLaMA projections (signed inputs) need ``signed=True``.
     """
 
-    @property
-    def num_steps(self) -> int:
-        return self.max_count  # one binary spike per step
+    def steps_for(self, max_abs_count: int) -> int:
+        return max_abs_count  # one binary spike per step
 
-    def train_from(self, x: Tensor, step: Tensor) -> Tensor:
-        return if_spike_train(self.counts(x, step), self.num_steps)
+    def steps_used(self, max_abs_count: int) -> int:
+        # spikes are spread evenly over the window, so any non-zero count fires in the last step
+        return self.num_steps if max_abs_count > 0 else 0
+
+    def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return if_spike_train(self.counts(x, step, low, high), self.num_steps)

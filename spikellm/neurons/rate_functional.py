@@ -12,23 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spikellm.neurons.functional import round_half_up, symmetric_step, token_clip_bound
+from spikellm.neurons.functional import round_half_up
 
 
 def count_limit(bits: int, signed: bool) -> int:
     """Largest count magnitude: ``2^(b-1) - 1`` signed (symmetric, one bit is the sign), else ``2^b - 1``."""
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-
-
-def rate_step(x: Tensor, limit: int, gamma: float, signed: bool, eps: float = 1e-8) -> Tensor:
-    """Per-token step Δ, ``[..., 1]`` fp32, mapping the clipping bound onto ``limit`` counts.
-
-    Signed: the ``gamma`` quantile of ``|x|``. Unsigned: the same quantile of ``relu(x)`` over the
-    whole token (negatives count as zeros), since negative activations are never fired.
-    """
-    if signed:
-        return symmetric_step(x, limit, gamma, eps)
-    return token_clip_bound(x.float().clamp_min(0), gamma).clamp_min(eps) / limit
 
 
 def clamped_counts(x: Tensor, step: Tensor, low: int, high: int) -> Tensor:

@@ -4,8 +4,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from spikellm.checks import check_float, check_int
+from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.functional import symmetric_step, ternary_counts, ternary_spike_train
+from spikellm.neurons.functional import ternary_counts, ternary_spike_train
+
+RESIDUALS = ("drop", "outlier")
 
 
 class TernaryEncoder(SpikeEncoder):
@@ -17,29 +20,41 @@ class TernaryEncoder(SpikeEncoder):
         gamma: quantile of ``|x|`` per token that sets the clipping bound (1 = absmax).
         clip: membrane-potential clipping ``c < Q`` (``|n| <= c``, ``T = c``); ``None`` for none.
             The step stays that of Q, so clipping trades the rare large counts for a short train.
+        residual: what happens to the count beyond ``±c``: ``drop`` it, or carry it as a sparse
+            ``outlier`` stream (integer counts sent beside the train, see :meth:`outlier_counts`),
+            so the value is that of the unclipped ``±Q`` quantizer while the train stays c long.
+        learnable_step: learn a scale of the step with LSQ (see :class:`SpikeEncoder`).
+        granularity: ``token`` (a step per token) or ``channel`` (a causal step per channel, for
+            attention keys).
     """
 
-    def __init__(self, bits: int = 4, gamma: float = 1.0, clip: int | None = None):
-        super().__init__()
+    def __init__(self, bits: int = 4, gamma: float = 1.0, clip: int | None = None, residual: str = "drop",
+                 learnable_step: bool = False, granularity: str = "token"):
+        super().__init__(learnable_step, granularity)
         self.bits = check_int("bits", bits, 2, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
-        self.levels = 2 ** (self.bits - 1) - 1
+        self.levels = self.step_levels = 2 ** (self.bits - 1) - 1
         self.clip = None if clip is None else check_int("clip", clip, 1, self.levels)
+        if residual not in RESIDUALS:
+            raise ConfigError("residual", residual, "must be one of: " + ", ".join(RESIDUALS))
+        self.residual = residual
         self.max_count = self.clip if self.clip is not None else self.levels
         self.min_count = -self.max_count
 
-    @property
-    def num_steps(self) -> int:
-        return self.max_count
+    def steps_for(self, max_abs_count: int) -> int:
+        return max_abs_count  # one ±1 spike per step
 
-    def step_size(self, x: Tensor) -> Tensor:
-        return symmetric_step(x, self.levels, self.gamma)
+    def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return ternary_counts(x, step, low, high)
 
-    def counts(self, x: Tensor, step: Tensor) -> Tensor:
-        return ternary_counts(x, step, self.max_count)
+    def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return ternary_spike_train(x, step, self.num_steps, limit=high)
 
-    def train_from(self, x: Tensor, step: Tensor) -> Tensor:
-        return ternary_spike_train(x, step, self.num_steps)
+    def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
+        if self.residual != "outlier" or self.clip is None:
+            return None
+        scale = 1 if self.channel_scale is None else self.channel_scale
+        return ternary_counts(x, step, -self.levels * scale, self.levels * scale) - counts
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, T={self.num_steps}"
+        return f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, residual={self.residual}, T={self.num_steps}"

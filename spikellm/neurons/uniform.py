@@ -5,7 +5,7 @@ from torch import Tensor
 
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.rate_functional import clamped_counts, count_limit, rate_step
+from spikellm.neurons.rate_functional import clamped_counts, count_limit
 
 
 class UniformCountEncoder(SpikeEncoder):
@@ -17,21 +17,26 @@ class UniformCountEncoder(SpikeEncoder):
         gamma: per-token clipping quantile of ``|x|`` (signed) or of ``relu(x)`` (unsigned), in (0, 1].
         signed: symmetric counts and signed spikes. Unsigned drops negative activations to 0, so
             LLaMA projections (signed inputs) need ``signed=True``.
+        learnable_step: learn a scale of the step with LSQ (see :class:`SpikeEncoder`).
+        granularity: ``token`` (a step per token) or ``channel`` (a causal step per channel).
     """
 
-    def __init__(self, bits: int = 4, gamma: float = 1.0, signed: bool = False):
-        super().__init__()
+    def __init__(self, bits: int = 4, gamma: float = 1.0, signed: bool = False, learnable_step: bool = False,
+                 granularity: str = "token"):
+        super().__init__(learnable_step, granularity)
         self.signed = check_bool("signed", signed)
         self.bits = check_int("bits", bits, 2 if self.signed else 1, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
         self.max_count = count_limit(self.bits, self.signed)
         self.min_count = -self.max_count if self.signed else 0
+        self.step_levels = self.max_count
 
-    def step_size(self, x: Tensor) -> Tensor:
-        return rate_step(x, self.max_count, self.gamma, self.signed)
+    def magnitude(self, x: Tensor) -> Tensor:
+        # unsigned codes never fire for negative inputs: only the positive part sets the range
+        return x.detach().float().abs() if self.signed else x.detach().float().clamp_min(0)
 
-    def counts(self, x: Tensor, step: Tensor) -> Tensor:
-        return clamped_counts(x, step, self.min_count, self.max_count)
+    def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
+        return clamped_counts(x, step, low, high)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, T={self.num_steps}"
