@@ -48,9 +48,9 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def build(self, encoder: EncoderFactory | None = None,
-              weight_quantizer: WeightQuantizerFactory | None = None) -> "SpikingLlama":
-        return SpikingLlama(self, encoder, weight_quantizer)
+    def build(self, encoder: EncoderFactory | None = None, weight_quantizer: WeightQuantizerFactory | None = None,
+              unroll: bool = False) -> "SpikingLlama":
+        return SpikingLlama(self, encoder, weight_quantizer, unroll)
 
 
 class RMSNorm(nn.Module):
@@ -124,17 +124,19 @@ class Block(nn.Module):
 
 
 class SpikingLlama(nn.Module):
-    """LLaMA decoder; ``encoder``/``weight_quantizer`` build one module per projection (or None)."""
+    """LLaMA decoder; ``encoder``/``weight_quantizer`` build one module per projection (or None);
+    ``unroll`` trains through the spike trains instead of the collapsed counts (the naive way)."""
 
     def __init__(self, config: LlamaConfig, encoder: EncoderFactory | None = None,
-                 weight_quantizer: WeightQuantizerFactory | None = None):
+                 weight_quantizer: WeightQuantizerFactory | None = None, unroll: bool = False):
         super().__init__()
         self.config = config
 
         def linear(in_features: int, out_features: int) -> SpikingLinear:
             return SpikingLinear(in_features, out_features,
                                  encoder=encoder() if encoder else None,
-                                 weight_quantizer=weight_quantizer() if weight_quantizer else None)
+                                 weight_quantizer=weight_quantizer() if weight_quantizer else None,
+                                 unroll=unroll)
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))

@@ -90,6 +90,11 @@ class SpikeEncoder(nn.Module, ABC):
         """Counts sent beside the train as a sparse stream (clipped residuals), or None."""
         return None
 
+    def surrogate_value(self, x: Tensor) -> Tensor | None:
+        """``Δ · decode(train)`` differentiable through the simulated neuron (surrogate gradients),
+        for training unrolled in time; None where the encoder fires from integer counts."""
+        return None
+
     def steps_used(self, max_abs_count: int) -> int:
         """Steps after which every neuron of a tensor whose largest count is given has gone quiet."""
         return self.steps_for(max_abs_count)
@@ -110,11 +115,14 @@ class SpikeEncoder(nn.Module, ABC):
             return self.min_count, self.max_count
         return self.min_count * self.channel_scale, self.max_count * self.channel_scale
 
-    def element_step(self, x: Tensor) -> Tensor:
-        """Δ of every element: the per-token step, times the learned scale, over the channel scale."""
+    def token_step(self, x: Tensor) -> Tensor:
+        """The dynamic step times the learned scale (LSQ), before any channel allocation."""
         step = self.step_size(x)
-        if self.step_scale is not None:
-            step = step * self.step_scale.detach().abs().clamp_min(1e-4)
+        return step if self.step_scale is None else step * self.step_scale.detach().abs().clamp_min(1e-4)
+
+    def element_step(self, x: Tensor) -> Tensor:
+        """Δ of every element: :meth:`token_step` over the channel's step multiplier."""
+        step = self.token_step(x)
         return step if self.channel_scale is None else step / self.channel_scale
 
     def allocate_channels(self, salient: Tensor, addbit: int) -> None:

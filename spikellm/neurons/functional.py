@@ -118,3 +118,41 @@ def learned_step_quantize(x: Tensor, scale: Tensor, counts: Tensor, step: Tensor
     """``counts · step`` exactly, with the LSQ gradient to ``scale`` (``step = scale · Δ₀``),
     multiplied by ``grad_scale`` (LSQ's ``1 / sqrt(N · Q)``)."""
     return _LearnedStep.apply(x, scale, counts, step, inside, grad_scale)
+
+
+class _SurrogateSpike(torch.autograd.Function):
+    """Forward: the neuron's exact firing decision; backward: the arctan surrogate derivative
+    ``α/2 / (1 + (π/2 · α · d)²)`` of the distance ``d`` to the threshold (SpikingJelly's ATan)."""
+
+    @staticmethod
+    def forward(ctx, distance: Tensor, fired: Tensor, alpha: float) -> Tensor:
+        ctx.save_for_backward(distance)
+        ctx.alpha = alpha
+        return fired
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (distance,) = ctx.saved_tensors
+        alpha = ctx.alpha
+        return grad * (alpha / 2) / (1 + (math.pi / 2 * alpha * distance) ** 2), None, None
+
+
+def ternary_surrogate_value(x: Tensor, step: Tensor, num_steps: int, limit=None, alpha: float = 2.0) -> Tensor:
+    """``Δ · Σ_t s_t`` of :func:`ternary_spike_train`, differentiable in ``x`` by surrogate gradients.
+
+    The same neuron, step for step (so the value is exactly the decoded count times Δ), with each
+    firing decision given the arctan surrogate derivative and the gradient flowing through the
+    soft reset, as when a spiking network is trained unrolled in time.
+    """
+    membrane = x.float() / step
+    budget = None if limit is None or isinstance(limit, int) and limit >= num_steps else limit
+    emitted = torch.zeros_like(membrane)
+    for _ in range(num_steps):
+        up = _SurrogateSpike.apply(membrane - 0.5, (membrane >= 0.5).float(), alpha)
+        down = _SurrogateSpike.apply(-0.5 - membrane, (membrane < -0.5).float(), alpha)
+        fired = up - down
+        if budget is not None:
+            fired = fired * (emitted.detach().abs() < budget)
+        emitted = emitted + fired
+        membrane = membrane - fired
+    return emitted * step

@@ -6,7 +6,7 @@ from torch import Tensor
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.functional import ternary_counts, ternary_spike_train
+from spikellm.neurons.functional import ternary_counts, ternary_spike_train, ternary_surrogate_value
 
 RESIDUALS = ("drop", "outlier")
 
@@ -49,6 +49,10 @@ class TernaryEncoder(SpikeEncoder):
 
     def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
         return ternary_spike_train(x, step, self.num_steps, limit=high)
+
+    def surrogate_value(self, x: Tensor) -> Tensor:
+        step = self.element_step(x).detach()
+        return ternary_surrogate_value(x, step, self.num_steps, limit=self.count_bounds()[1])
 
     def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
         if self.residual != "outlier" or self.clip is None:

@@ -17,36 +17,73 @@ WeightQuantizerFactory = Callable[[], WeightQuantizer]
 class SpikingLinear(nn.Linear):
     """``nn.Linear`` whose input passes through a spike encoder and whose weight through a quantizer.
 
-    With an encoder the layer computes ``Δ · Σ_t s_t @ Wᵀ``: additions of weight rows selected by
-    spikes. Training runs the collapsed form ``(n · Δ) @ Wᵀ`` (:meth:`forward`), which equals it;
-    :meth:`forward_temporal` runs the spike train for checks and for hardware-faithful inference.
-    With neither an encoder nor a quantizer it is exactly ``nn.Linear``.
+    With an encoder the layer computes ``Δ · Σ_t w_t (s_t @ Wᵀ)``: additions of weight rows selected
+    by spikes. Training runs the collapsed form ``(n · Δ) @ Wᵀ`` (:meth:`forward`), which equals it;
+    :meth:`forward_temporal` runs the spike train. ``unroll=True`` trains through the spike train on
+    purpose (T matmuls, T× activation memory: the naive way, for comparison and for surrogate
+    gradients). With neither an encoder nor a quantizer it is exactly ``nn.Linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 encoder: SpikeEncoder | None = None, weight_quantizer: WeightQuantizer | None = None):
+                 encoder: SpikeEncoder | None = None, weight_quantizer: WeightQuantizer | None = None,
+                 unroll: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.encoder = encoder
         self.weight_quantizer = weight_quantizer
+        self.unroll = unroll
 
     def effective_weight(self) -> Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.encoder is not None:
-            x = self.encoder(x)
-        return F.linear(x, self.effective_weight(), self.bias)
+        if self.encoder is None:
+            return F.linear(x, self.effective_weight(), self.bias)
+        if self.unroll:
+            return self._forward_unrolled(x)
+        return F.linear(self.encoder(x), self.effective_weight(), self.bias)
+
+    def _spike_train(self, x: Tensor):
+        """``(spikes [T, ...], element step, outlier counts or None, time weights)``."""
+        spikes, step = self.encoder.spike_train(x)
+        outliers = self.encoder.outlier_counts(x, step, self.encoder.decode(spikes))
+        return spikes, step, outliers, self.encoder.time_weights().tolist()
 
     @torch.no_grad()
     def forward_temporal(self, x: Tensor) -> Tensor:
-        """Spike-train form: ``Δ · Σ_t w_t (s_t @ Wᵀ)`` (+ bias), fp32 accumulation."""
+        """Spike-train form ``Δ · Σ_t w_t (s_t @ Wᵀ)`` (+ the outlier stream, + bias), fp32.
+
+        A channel's extra steps (``Δ/m``) are folded into W's column, as hardware would store them,
+        so a per-token Δ multiplies once, outside a sum of pure additions of weight rows.
+        """
         if self.encoder is None:
             return self.forward(x)
-        spikes, step = self.encoder.spike_train(x)
+        spikes, step, outliers, time_weights = self._spike_train(x)
         weight = self.effective_weight().float()
-        time_weights = self.encoder.time_weights().tolist()
-        total = sum(w_t * (s_t @ weight.T) for w_t, s_t in zip(time_weights, spikes))
-        out = step * total
+        if self.encoder.channel_scale is not None:
+            weight, step = weight / self.encoder.channel_scale, step * self.encoder.channel_scale
+        if step.shape[-1] == 1:
+            out = step * sum(w_t * (s_t @ weight.T) for w_t, s_t in zip(time_weights, spikes))
+        else:  # a step per channel (granularity=channel) cannot leave the sum
+            out = sum((w_t * s_t * step) @ weight.T for w_t, s_t in zip(time_weights, spikes))
+        if outliers is not None:
+            out = out + (outliers * step) @ weight.T
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype)
+
+    def _forward_unrolled(self, x: Tensor) -> Tensor:
+        """Train through the spike train: one matmul per time step, each input kept for backward."""
+        weight = self.effective_weight()
+        with torch.no_grad():
+            spikes, step, outliers, time_weights = self._spike_train(x)
+            total = self.encoder.decode(spikes) + (0 if outliers is None else outliers)
+            inside = (x.detach().float() / step - total).abs() <= 0.5
+        out = sum(F.linear((w_t * s_t * step).to(x.dtype), weight) for w_t, s_t in zip(time_weights, spikes))
+        if outliers is not None:
+            out = out + F.linear((outliers * step).to(x.dtype), weight)
+        # a term of value exactly zero whose gradient reaches x: the neuron's surrogate gradient
+        # where the encoder simulates one, else straight through the window as the collapsed form
+        surrogate = self.encoder.surrogate_value(x)
+        delta = surrogate - surrogate.detach() if surrogate is not None else (x - x.detach()) * inside
+        out = out + F.linear(delta.to(x.dtype), weight)
+        return out if self.bias is None else out + self.bias

@@ -33,7 +33,8 @@ class CausalLMTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         encoder, weight_quantizer = build_neuron(neuron)
-        self.model = build(model, "model").build(encoder, weight_quantizer)
+        unroll = bool((neuron or {}).get("unroll", False))
+        self.model = build(model, "model").build(encoder, weight_quantizer, unroll)
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
 
