@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikellm.neurons.base import SpikeEncoder
+from spikellm.nn.hadamard import hadamard_block, hadamard_transform
 from spikellm.quant.weights import WeightQuantizer
 
 EncoderFactory = Callable[[], SpikeEncoder]
@@ -21,21 +22,41 @@ class SpikingLinear(nn.Linear):
     by spikes. Training runs the collapsed form ``(n · Δ) @ Wᵀ`` (:meth:`forward`), which equals it;
     :meth:`forward_temporal` runs the spike train. ``unroll=True`` trains through the spike train on
     purpose (T matmuls, T× activation memory: the naive way, for comparison and for surrogate
-    gradients). With neither an encoder nor a quantizer it is exactly ``nn.Linear``.
+    gradients). ``rotate=True`` encodes ``x H`` against ``W H`` for an orthonormal Hadamard H (same
+    output, outliers spread over channels); :meth:`fold_rotation` stores ``W H`` once so inference
+    rotates only the activations. With neither an encoder nor a quantizer nor a rotation it is
+    exactly ``nn.Linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  encoder: SpikeEncoder | None = None, weight_quantizer: WeightQuantizer | None = None,
-                 unroll: bool = False):
+                 unroll: bool = False, rotate: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.encoder = encoder
         self.weight_quantizer = weight_quantizer
         self.unroll = unroll
+        self.rotate = rotate
+        if rotate:
+            hadamard_block(in_features)  # fails now, with the width, if it cannot be rotated
+        # whether ``weight`` already holds W H (saved with the model, so loading never rotates twice)
+        self.register_buffer("rotation_folded", torch.tensor(False))
 
     def effective_weight(self) -> Tensor:
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        weight = self.weight
+        if self.rotate and not self.rotation_folded:
+            weight = hadamard_transform(weight)
+        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+
+    @torch.no_grad()
+    def fold_rotation(self) -> None:
+        """Store ``W H`` in ``weight`` (once), as an exported model would."""
+        if self.rotate and not self.rotation_folded:
+            self.weight.copy_(hadamard_transform(self.weight))
+            self.rotation_folded.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.rotate:
+            x = hadamard_transform(x)
         if self.encoder is None:
             return F.linear(x, self.effective_weight(), self.bias)
         if self.unroll:
@@ -57,6 +78,8 @@ class SpikingLinear(nn.Linear):
         """
         if self.encoder is None:
             return self.forward(x)
+        if self.rotate:
+            x = hadamard_transform(x)
         spikes, step, outliers, time_weights = self._spike_train(x)
         weight = self.effective_weight().float()
         if self.encoder.channel_scale is not None:

@@ -30,6 +30,8 @@ class TrainResult:
     val_loss: float
     val_ppl: float
     initial_val_ppl: float | None = None
+    firing_rate: float | None = None  # spikes per neuron per time step, validation, all layers
+    spikes_per_activation: float | None = None
     log_dirs: list[Path] = field(default_factory=list)
 
 
@@ -86,8 +88,14 @@ def run_training(cfg: DictConfig) -> TrainResult:
         tokens_seen=trainer.global_step * block, seconds=time.perf_counter() - start,
         val_loss=float(final["val/loss"]), val_ppl=float(final["val/ppl"]),
         initial_val_ppl=None if initial_ppl is None else float(initial_ppl),
+        firing_rate=_maybe_float(final.get("val/spikes/firing_rate")),
+        spikes_per_activation=_maybe_float(final.get("val/spikes/spikes_per_activation")),
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
     )
+
+
+def _maybe_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def print_summary(result: TrainResult, title: str = "spikellm: training done") -> None:
@@ -101,6 +109,9 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
         table.add_row("val ppl at step 0", f"{result.initial_val_ppl:,.2f}")
     table.add_row("val loss", f"{result.val_loss:.4f}")
     table.add_row("val ppl", f"{result.val_ppl:,.2f}" if math.isfinite(result.val_ppl) else "inf")
+    if result.firing_rate is not None:
+        table.add_row("spikes / activation", f"{result.spikes_per_activation:.3f}")
+        table.add_row("firing rate", f"{result.firing_rate:.2%} of neuron-steps")
     table.add_row("steps / tokens", f"{result.steps} / {result.tokens_seen:,}")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("checkpoint", str(result.checkpoint))
