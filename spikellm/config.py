@@ -40,3 +40,15 @@ def build_neuron(neuron: dict | DictConfig | None, key: str = "neuron"):
         return None, None
     return (build(neuron.get("encoder"), f"{key}.encoder"),
             build(neuron.get("weight_quantizer"), f"{key}.weight_quantizer"))
+
+
+def build_attention_encoder(neuron: dict | DictConfig | None, key: str = "neuron"):
+    """The ``role -> encoder`` factory of a neuron group's ``attention: {key, value}``, or None
+    (attention products stay in floating point)."""
+    attention = None if neuron is None else neuron.get("attention")
+    if attention is None:
+        return None
+    factories = {role: build(attention.get(role), f"{key}.attention.{role}") for role in ("key", "value")}
+    if None in factories.values():
+        raise ConfigError(f"{key}.attention", sorted(attention), "needs both a 'key' and a 'value' encoder")
+    return lambda role: factories[role]()

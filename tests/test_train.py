@@ -10,11 +10,13 @@ from spikellm.training.pipeline import run_training
 
 def test_short_run_learns(config_factory):
     cfg = config_factory("experiment=smoke", "trainer.max_steps=30", "trainer.val_check_interval=30",
-                         "validate_at_start=true", "logger=none")
+                         "validate_at_start=true", "logger=none", "callbacks=default")
     result = run_training(cfg)
     assert result.steps == 30
     assert result.val_ppl < 0.6 * result.initial_val_ppl
     assert result.checkpoint.is_file()
+    # the statistics callback saw every activation of the final validation, from counts alone
+    assert 0 < result.firing_rate < 1 and result.spikes_per_activation > 0
 
 
 def test_train_py_writes_a_checkpoint_that_resumes(tmp_path):

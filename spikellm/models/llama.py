@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError
+from spikellm.neurons.base import SpikeEncoder
 from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
 
 
@@ -49,8 +51,8 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
     def build(self, encoder: EncoderFactory | None = None, weight_quantizer: WeightQuantizerFactory | None = None,
-              unroll: bool = False) -> "SpikingLlama":
-        return SpikingLlama(self, encoder, weight_quantizer, unroll)
+              unroll: bool = False, attention_encoder: AttentionEncoderFactory | None = None) -> SpikingLlama:
+        return SpikingLlama(self, encoder, weight_quantizer, unroll, attention_encoder)
 
 
 class RMSNorm(nn.Module):
@@ -79,7 +81,28 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+AttentionEncoderFactory = Callable[[str], SpikeEncoder]
+
+
 class Attention(nn.Module):
+    """Causal grouped-query self-attention; optionally with spiking attention products (§3.5, §4).
+
+    With ``encoder`` set (:meth:`spike_products`), K and V pass through spike encoders after RoPE:
+    K per channel (``granularity="channel"``: a step per (token, channel) from the running maximum
+    over the tokens so far, so keys with outlier channels keep their resolution and no token's step
+    depends on a later token) and V per token. Then
+
+    * ``Q·Kᵀ`` = ``Σ_t w_t Q (s^K_t ⊙ Δ_K)ᵀ``: each score is a sum of entries of ``Q ⊙ Δ_K``
+      selected (with sign) by K's spikes, additions instead of multiplications (with a static
+      per-channel step, Δ_K folds into Q once);
+    * ``P·V`` = ``Σ_t w_t P (s^V_t ⊙ Δ_V)``: additions of entries of P (V's per-token step scales
+      P's column once, not every product).
+
+    Training runs the collapsed form, SDPA on ``n·Δ`` with straight-through gradients, so it costs
+    what dense attention costs; :func:`spiking_attention_temporal` runs the trains and equals it.
+    Softmax, the scores and P stay in floating point. Without ``encoder`` this is plain attention.
+    """
+
     def __init__(self, cfg: LlamaConfig, linear):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -87,6 +110,22 @@ class Attention(nn.Module):
         self.k_proj = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.v_proj = linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.o_proj = linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.encoder: nn.ModuleDict | None = None  # {"key", "value"} encoders, or float products
+
+    def spike_products(self, factory: AttentionEncoderFactory) -> None:
+        """Encode K and V with ``factory("key")`` and ``factory("value")``."""
+        encoders = {role: factory(role) for role in ("key", "value")}
+        for role, encoder in encoders.items():
+            if not isinstance(encoder, SpikeEncoder):
+                raise ConfigError(f"attention_encoder({role!r})", type(encoder).__name__, "must return a SpikeEncoder")
+        # named ``encoder`` like SpikingLinear's, so state-dict filters for ``.encoder.`` cover it
+        self.encoder = nn.ModuleDict(encoders)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, T, D]`` (collapsed form)."""
+        if self.encoder is not None:
+            k, v = self.encoder["key"](k), self.encoder["value"](v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         batch, seq, _ = x.shape
@@ -94,9 +133,35 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def _train_terms(encoder: SpikeEncoder, x: Tensor) -> list[Tensor]:
+    """``x``'s encoded value as the terms a chip adds: ``w_t · s_t ⊙ Δ`` per step (+ the outlier
+    stream, sent beside the train), fp32; their sum is ``encoder(x)``."""
+    spikes, step = encoder.spike_train(x)
+    terms = [w * s * step for w, s in zip(encoder.time_weights().tolist(), spikes)]
+    outliers = encoder.outlier_counts(x, step, encoder.decode(spikes))
+    return terms if outliers is None else [*terms, outliers * step]
+
+
+@torch.no_grad()
+def spiking_attention_temporal(q: Tensor, k_encoder: SpikeEncoder, v_encoder: SpikeEncoder,
+                               k: Tensor, v: Tensor) -> Tensor:
+    """Reference: causal attention computed from K's and V's spike trains, step by step (fp32).
+
+    ``scores = Σ_t q @ (w_t s^K_t ⊙ Δ_K)ᵀ / √D`` and ``out = Σ_t P @ (w_t s^V_t ⊙ Δ_V)`` with
+    ``P = softmax(causal(scores))``; ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``. Equals
+    :meth:`Attention.attend` with these encoders up to float summation order.
+    """
+    group = q.shape[1] // k.shape[1]  # GQA: kv head j serves query heads j·group .. (j+1)·group - 1
+    q = q.float()
+    scores = sum(q @ term.repeat_interleave(group, dim=1).transpose(-1, -2) for term in _train_terms(k_encoder, k))
+    seq = q.shape[-2]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    probs = (scores / math.sqrt(q.shape[-1])).masked_fill(future, float("-inf")).softmax(-1)
+    return sum(probs @ term.repeat_interleave(group, dim=1) for term in _train_terms(v_encoder, v))
 
 
 class MLP(nn.Module):
@@ -125,10 +190,14 @@ class Block(nn.Module):
 
 class SpikingLlama(nn.Module):
     """LLaMA decoder; ``encoder``/``weight_quantizer`` build one module per projection (or None);
-    ``unroll`` trains through the spike trains instead of the collapsed counts (the naive way)."""
+    ``unroll`` trains through the spike trains instead of the collapsed counts (the naive way).
+    ``attention_encoder(role)``, role ``"key"`` or ``"value"``, builds the encoders of spiking
+    attention products in every layer (see :class:`Attention`); None keeps them in floating point.
+    They always train collapsed, whatever ``unroll`` says."""
 
     def __init__(self, config: LlamaConfig, encoder: EncoderFactory | None = None,
-                 weight_quantizer: WeightQuantizerFactory | None = None, unroll: bool = False):
+                 weight_quantizer: WeightQuantizerFactory | None = None, unroll: bool = False,
+                 attention_encoder: AttentionEncoderFactory | None = None):
         super().__init__()
         self.config = config
 
@@ -140,6 +209,9 @@ class SpikingLlama(nn.Module):
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))
+        if attention_encoder is not None:
+            for layer in self.layers:
+                layer.self_attn.spike_products(attention_encoder)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # embeddings and the head stay in floating point (DESIGN.md §4)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -201,8 +273,9 @@ def from_hf_llama(hf_model, encoder: EncoderFactory | None = None,
     model = config_from_hf(hf_model.config).build(encoder, weight_quantizer)
     state = {key.removeprefix("model."): value for key, value in hf_model.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # encoder/quantizer buffers are ours, and a tied head has no separate tensor in HF
-    missing = [k for k in missing if ".encoder." not in k and ".weight_quantizer." not in k]
+    # only parameters must come from HF: buffers (encoder state, rotation flags) are ours
+    parameters = dict(model.named_parameters())
+    missing = [k for k in missing if k in parameters]
     if missing or unexpected:
         raise ConfigError("state_dict", f"missing={missing[:4]} unexpected={unexpected[:4]}",
                           "the Hugging Face model does not match a LLaMA of its own config")

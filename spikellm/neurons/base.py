@@ -132,6 +132,13 @@ class SpikeEncoder(nn.Module, ABC):
             raise ConfigError("salient", tuple(salient.shape), "must be a 1-D bool mask over input channels")
         self.channel_scale = torch.where(salient, 2.0 ** addbit, 1.0).to(salient.device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an allocation saved with the model creates the buffer a freshly built encoder lacks
+        saved = state_dict.get(prefix + "channel_scale")
+        if saved is not None and self.channel_scale is None:
+            self.channel_scale = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ---- the public two forms -------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from spikellm.checks import check_int
-from spikellm.config import build, build_neuron
+from spikellm.config import build, build_attention_encoder, build_neuron
 from spikellm.errors import ConfigError
 
 
@@ -48,6 +48,7 @@ def prepare(cfg: DictConfig):
     """Build and validate everything a run needs, in the order cheap checks first."""
     model_config = build(cfg.model, "model")
     build_neuron(cfg.neuron)  # fails here, before any data work, on a bad encoder parameter
+    build_attention_encoder(cfg.neuron)
     _check_cross_group(cfg, model_config)
     datamodule = build(cfg.data, "data")
     datamodule.setup("fit")
@@ -71,6 +72,8 @@ def run_training(cfg: DictConfig) -> TrainResult:
     output_dir = Path(cfg.paths.output_dir)
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    if not loggers:  # logger=none: a learning-rate monitor would have nowhere to write, and Lightning refuses it
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spikellm.config import build, build_neuron
+from spikellm.config import build, build_attention_encoder, build_neuron
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -34,7 +34,7 @@ class CausalLMTask(pl.LightningModule):
         self.save_hyperparameters()
         encoder, weight_quantizer = build_neuron(neuron)
         unroll = bool((neuron or {}).get("unroll", False))
-        self.model = build(model, "model").build(encoder, weight_quantizer, unroll)
+        self.model = build(model, "model").build(encoder, weight_quantizer, unroll, build_attention_encoder(neuron))
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
 
