@@ -51,8 +51,9 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
     def build(self, encoder: EncoderFactory | None = None, weight_quantizer: WeightQuantizerFactory | None = None,
-              unroll: bool = False, attention_encoder: AttentionEncoderFactory | None = None) -> SpikingLlama:
-        return SpikingLlama(self, encoder, weight_quantizer, unroll, attention_encoder)
+              unroll: bool = False, attention_encoder: AttentionEncoderFactory | None = None,
+              rotate: bool = False) -> SpikingLlama:
+        return SpikingLlama(self, encoder, weight_quantizer, unroll, attention_encoder, rotate)
 
 
 class RMSNorm(nn.Module):
@@ -193,11 +194,12 @@ class SpikingLlama(nn.Module):
     ``unroll`` trains through the spike trains instead of the collapsed counts (the naive way).
     ``attention_encoder(role)``, role ``"key"`` or ``"value"``, builds the encoders of spiking
     attention products in every layer (see :class:`Attention`); None keeps them in floating point.
-    They always train collapsed, whatever ``unroll`` says."""
+    They always train collapsed, whatever ``unroll`` says. ``rotate`` gives every projection a
+    Hadamard rotation of its input folded into its weight (see :class:`SpikingLinear`)."""
 
     def __init__(self, config: LlamaConfig, encoder: EncoderFactory | None = None,
                  weight_quantizer: WeightQuantizerFactory | None = None, unroll: bool = False,
-                 attention_encoder: AttentionEncoderFactory | None = None):
+                 attention_encoder: AttentionEncoderFactory | None = None, rotate: bool = False):
         super().__init__()
         self.config = config
 
@@ -205,7 +207,7 @@ class SpikingLlama(nn.Module):
             return SpikingLinear(in_features, out_features,
                                  encoder=encoder() if encoder else None,
                                  weight_quantizer=weight_quantizer() if weight_quantizer else None,
-                                 unroll=unroll)
+                                 unroll=unroll, rotate=rotate)
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))

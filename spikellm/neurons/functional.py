@@ -109,7 +109,10 @@ class _LearnedStep(torch.autograd.Function):
         x, scale, counts, step, inside = ctx.saved_tensors
         grad32 = grad.float()
         d_value_d_step = torch.where(inside, counts - x.float() / step, counts)
-        grad_scale = (grad32 * d_value_d_step * step).sum() / scale.detach().abs().clamp_min(1e-4)
+        # Δ = Δ₀ · |s| (clamped away from 0), so ∂Δ/∂s = Δ / s, sign included
+        signed_scale = scale.detach()
+        grad_scale = (grad32 * d_value_d_step * step).sum() / torch.where(
+            signed_scale.abs() < 1e-4, torch.full_like(signed_scale, float("inf")), signed_scale)
         return grad * inside.to(grad.dtype), (grad_scale * ctx.grad_scale).reshape(scale.shape), None, None, None, None
 
 

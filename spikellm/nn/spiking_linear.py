@@ -104,9 +104,12 @@ class SpikingLinear(nn.Linear):
         out = sum(F.linear((w_t * s_t * step).to(x.dtype), weight) for w_t, s_t in zip(time_weights, spikes))
         if outliers is not None:
             out = out + F.linear((outliers * step).to(x.dtype), weight)
-        # a term of value exactly zero whose gradient reaches x: the neuron's surrogate gradient
-        # where the encoder simulates one, else straight through the window as the collapsed form
+        # terms of value exactly zero that carry the gradients the train cannot: to x, the neuron's
+        # surrogate where the encoder simulates one, else straight through the window as the
+        # collapsed form; to a learnable step, LSQ through the collapsed form of the detached input
+        # (which also records the statistics, as a collapsed forward would)
         surrogate = self.encoder.surrogate_value(x)
-        delta = surrogate - surrogate.detach() if surrogate is not None else (x - x.detach()) * inside
-        out = out + F.linear(delta.to(x.dtype), weight)
+        to_input = surrogate - surrogate.detach() if surrogate is not None else (x - x.detach()) * inside
+        collapsed = self.encoder(x.detach())
+        out = out + F.linear((to_input + (collapsed - collapsed.detach())).to(x.dtype), weight)
         return out if self.bias is None else out + self.bias

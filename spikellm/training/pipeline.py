@@ -6,6 +6,7 @@ checked is checked before the first training step, and a user-fixable problem is
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from spikellm.checks import check_int
 from spikellm.config import build, build_attention_encoder, build_neuron
 from spikellm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +83,8 @@ def run_training(cfg: DictConfig) -> TrainResult:
     initial_ppl = None
     if cfg.get("ckpt_path") is None and cfg.get("validate_at_start", True):
         initial_ppl = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/ppl"]
+    if cfg.get("ckpt_path") is None:  # a resumed run has its allocation in the checkpoint
+        allocate_salient_channels(task.model, cfg.neuron.get("allocation"), datamodule)
     # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
@@ -99,6 +104,21 @@ def run_training(cfg: DictConfig) -> TrainResult:
 
 def _maybe_float(value) -> float | None:
     return None if value is None else float(value)
+
+
+def allocate_salient_channels(model, allocation, datamodule) -> None:
+    """Optimal Brain Spiking before training, when the neuron group asks for it
+    (``allocation: {low_p, addbit, batches}``): saliency over that many training batches."""
+    if not allocation:
+        return
+    import itertools
+
+    from spikellm.neurons.saliency import allocate_steps, average_steps
+
+    batches = check_int("neuron.allocation.batches", allocation.get("batches", 8), 1)
+    allocate_steps(model, itertools.islice(datamodule.train_dataloader(), batches),
+                   low_p=allocation.get("low_p", 0.9), addbit=allocation.get("addbit", 1))
+    log.info("Optimal Brain Spiking: %.2f steps per channel on average", average_steps(model))
 
 
 def print_summary(result: TrainResult, title: str = "spikellm: training done") -> None:

@@ -33,8 +33,10 @@ class CausalLMTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         encoder, weight_quantizer = build_neuron(neuron)
-        unroll = bool((neuron or {}).get("unroll", False))
-        self.model = build(model, "model").build(encoder, weight_quantizer, unroll, build_attention_encoder(neuron))
+        options = neuron or {}
+        self.model = build(model, "model").build(
+            encoder, weight_quantizer, unroll=bool(options.get("unroll", False)),
+            attention_encoder=build_attention_encoder(neuron), rotate=bool(options.get("rotate", False)))
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
 
