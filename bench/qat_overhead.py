@@ -77,14 +77,22 @@ def worker(neuron: str, unroll: bool, steps: int, warmup: int, batch: int, block
 
 
 def run_one(neuron: str, unroll: bool, args) -> dict:
+    """Time in one process, memory in another: glibc keeps freed heap memory mapped, so a peak RSS
+    would count transient buffers long dead; a fixed mmap threshold returns large blocks when
+    freed, so that process's peak is live memory — but it slows allocation, so it is not timed."""
     command = [sys.executable, __file__, "--worker", neuron, "--steps", str(args.unrolled_steps if unroll else args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--block", str(args.block), "--device", args.device]
     if unroll:
         command.append("--unroll")
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"worker {neuron} (unroll={unroll}) failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    runs = {}
+    for measure, env in (("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)})):
+        if measure == "memory" and args.device == "cuda":
+            break  # the CUDA allocator's own peak is exact
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+        if done.returncode != 0:
+            raise SystemExit(f"worker {neuron} (unroll={unroll}) failed:\n{done.stderr[-2000:]}")
+        runs[measure] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**runs["time"], "peak_bytes": runs.get("memory", runs["time"])["peak_bytes"]}
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 import csv
 
 import torch
-from conftest import run_script
+import pytest
+from conftest import CONF, run_script
 
 from spikellm.training import CausalLMTask
 from spikellm.training.pipeline import run_training
@@ -17,6 +18,14 @@ def test_short_run_learns(config_factory):
     assert result.checkpoint.is_file()
     # the statistics callback saw every activation of the final validation, from counts alone
     assert 0 < result.firing_rate < 1 and result.spikes_per_activation > 0
+
+
+@pytest.mark.parametrize("neuron", sorted(p.stem for p in (CONF / "neuron").glob("*.yaml")))
+def test_every_neuron_learns(config_factory, neuron):
+    cfg = config_factory("experiment=smoke", f"neuron={neuron}", "trainer.max_steps=20",
+                         "trainer.val_check_interval=20", "validate_at_start=true", "logger=none")
+    result = run_training(cfg)
+    assert result.val_ppl < 0.7 * result.initial_val_ppl, neuron
 
 
 def test_train_py_writes_a_checkpoint_that_resumes(tmp_path):

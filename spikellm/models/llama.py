@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
+from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory, shared_input_linears
 
 
 @dataclass
@@ -130,9 +130,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -173,7 +174,8 @@ class MLP(nn.Module):
         self.down_proj = linear(cfg.ffn_dim, cfg.dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

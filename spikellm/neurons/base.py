@@ -157,17 +157,32 @@ class SpikeEncoder(nn.Module, ABC):
         weights = self.time_weights().to(spikes).view(-1, *([1] * (spikes.dim() - 1)))
         return (spikes * weights).sum(0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def keeps_full_range(self) -> bool:
+        """Whether every activation fits the count range when the bound is the maximum (γ = 1):
+        no clipping of the encoder's own (membrane clipping, unsigned codes dropping negatives)."""
+        return True
+
+    @property
+    def can_clip(self) -> bool:
+        """Whether some activation can fall outside the window (then the STE needs a mask). A
+        per-token absmax or a causal per-channel running max always covers the value itself."""
+        covered = self.granularity == "channel" or self.gamma >= 1.0
+        return not (covered and self.step_scale is None and self.keeps_full_range)
+
+    def forward(self, x: Tensor, siblings: tuple["SpikeEncoder", ...] = ()) -> Tensor:
         """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
-        (and, with a learnable step, reaches the step by the LSQ rule)."""
+        (and, with a learnable step, reaches the step by the LSQ rule). ``siblings`` are encoders
+        of other layers that receive this same spike train: their statistics are updated too."""
         counts, step = self.encode(x)
         with torch.no_grad():
             outliers = self.outlier_counts(x, step, counts)
-            if self.stats is not None:
-                self.stats.update(self, counts, outliers)
+            for encoder in (self, *siblings):
+                if encoder.stats is not None:
+                    encoder.stats.update(encoder, counts, outliers)
             total = counts if outliers is None else counts + outliers
             # inside the window = not clipped: the rounding error is at most half a step
-            inside = (x.detach().float() / step - total).abs() <= 0.5
+            inside = (x.detach().float() / step - total).abs() <= 0.5 if self.can_clip else None
         if self.step_scale is None:
             return straight_through(x, total * step, inside)
         grad_scale = 1.0 / math.sqrt(x.numel() * max(abs(self.min_count), self.max_count))

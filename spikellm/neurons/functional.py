@@ -25,20 +25,21 @@ def round_half_up(v: Tensor) -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns ``quantized`` exactly; the gradient flows to ``x`` where ``passthrough`` is set."""
+    """Returns ``quantized`` exactly; the gradient flows to ``x`` where ``passthrough`` is set
+    (everywhere when it is None: nothing is saved for backward then)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, quantized: Tensor, passthrough: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, quantized: Tensor, passthrough: Tensor | None) -> Tensor:
         ctx.save_for_backward(passthrough)
         return quantized
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (passthrough,) = ctx.saved_tensors
-        return grad * passthrough.to(grad.dtype), None, None
+        return grad if passthrough is None else grad * passthrough.to(grad.dtype), None, None
 
 
-def straight_through(x: Tensor, quantized: Tensor, passthrough: Tensor) -> Tensor:
+def straight_through(x: Tensor, quantized: Tensor, passthrough: Tensor | None) -> Tensor:
     """Straight-through estimator: forward value ``quantized``, gradient ``passthrough`` ⊙ ∂x.
 
     Unlike ``x + (q - x).detach()`` the forward value is ``q`` exactly, so the collapsed form of a
@@ -65,9 +66,14 @@ def causal_channel_bound(magnitude: Tensor) -> Tensor:
     return magnitude.cummax(dim=-2).values
 
 
-def ternary_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
-    """Collapsed bidirectional ternary encoder: ``clamp(round_half_up(x / Δ), low, high)`` (fp32)."""
-    return round_half_up(x.float() / step).clamp(low, high)
+def quantize_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
+    """Collapsed form of every encoder: ``clamp(round_half_up(x / Δ), low, high)`` in fp32 (bounds
+    ints or per-channel tensors; ``x / Δ = ±inf`` saturates). In place on its own temporaries,
+    since it runs on every projection input of every training step."""
+    scaled = x.float() / step
+    whole = torch.floor(scaled)
+    fraction = scaled.sub_(whole)  # exact, see round_half_up
+    return whole.add_(fraction.ge_(0.5)).clamp_(low, high)
 
 
 def ternary_spike_train(x: Tensor, step: Tensor, num_steps: int, limit=None) -> Tensor:

@@ -12,17 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spikellm.neurons.functional import round_half_up
 
 
 def count_limit(bits: int, signed: bool) -> int:
     """Largest count magnitude: ``2^(b-1) - 1`` signed (symmetric, one bit is the sign), else ``2^b - 1``."""
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-
-
-def clamped_counts(x: Tensor, step: Tensor, low: int, high: int) -> Tensor:
-    """Collapsed form: ``clamp(round_half_up(x / Δ), low, high)`` in fp32 (x / Δ = ±inf saturates)."""
-    return round_half_up(x.float() / step).clamp(low, high)
 
 
 def if_neuron_soft_reset(currents: Tensor, threshold: float | Tensor) -> Tensor:

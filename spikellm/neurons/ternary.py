@@ -6,7 +6,7 @@ from torch import Tensor
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.functional import ternary_counts, ternary_spike_train, ternary_surrogate_value
+from spikellm.neurons.functional import quantize_counts, ternary_spike_train, ternary_surrogate_value
 
 RESIDUALS = ("drop", "outlier")
 
@@ -45,10 +45,14 @@ class TernaryEncoder(SpikeEncoder):
         return max_abs_count  # one ±1 spike per step
 
     def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
-        return ternary_counts(x, step, low, high)
+        return quantize_counts(x, step, low, high)
 
     def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
         return ternary_spike_train(x, step, self.num_steps, limit=high)
+
+    @property
+    def keeps_full_range(self) -> bool:
+        return self.clip is None or self.residual == "outlier"
 
     def surrogate_value(self, x: Tensor) -> Tensor:
         step = self.element_step(x).detach()
@@ -58,7 +62,7 @@ class TernaryEncoder(SpikeEncoder):
         if self.residual != "outlier" or self.clip is None:
             return None
         scale = 1 if self.channel_scale is None else self.channel_scale
-        return ternary_counts(x, step, -self.levels * scale, self.levels * scale) - counts
+        return quantize_counts(x, step, -self.levels * scale, self.levels * scale) - counts
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, residual={self.residual}, T={self.num_steps}"

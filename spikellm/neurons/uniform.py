@@ -5,7 +5,8 @@ from torch import Tensor
 
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.rate_functional import clamped_counts, count_limit
+from spikellm.neurons.functional import quantize_counts
+from spikellm.neurons.rate_functional import count_limit
 
 
 class UniformCountEncoder(SpikeEncoder):
@@ -35,8 +36,12 @@ class UniformCountEncoder(SpikeEncoder):
         # unsigned codes never fire for negative inputs: only the positive part sets the range
         return x.detach().float().abs() if self.signed else x.detach().float().clamp_min(0)
 
+    @property
+    def keeps_full_range(self) -> bool:
+        return self.signed  # unsigned codes clip every negative activation to 0
+
     def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
-        return clamped_counts(x, step, low, high)
+        return quantize_counts(x, step, low, high)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, T={self.num_steps}"

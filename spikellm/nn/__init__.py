@@ -1,4 +1,4 @@
 """Spike-driven building blocks."""
-from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.nn.spiking_linear import SpikingLinear, shared_input_linears
 
-__all__ = ["SpikingLinear"]
+__all__ = ["SpikingLinear", "shared_input_linears"]

@@ -1,7 +1,7 @@
 """A linear layer fed by spike trains (DESIGN.md §4)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,15 @@ class SpikingLinear(nn.Linear):
             return self._forward_unrolled(x)
         return F.linear(self.encoder(x), self.effective_weight(), self.bias)
 
+    def shares_spikes_with(self, other: "SpikingLinear") -> bool:
+        """Whether ``other``, fed the same input, would see the very same spike train: encoders of
+        the same settings, no per-layer allocation or learned step, the same rotation, collapsed."""
+        a, b = self.encoder, other.encoder
+        return (a is not None and b is not None and type(a) is type(b) and a.extra_repr() == b.extra_repr()
+                and a.channel_scale is None and b.channel_scale is None
+                and a.step_scale is None and b.step_scale is None
+                and self.rotate == other.rotate and not self.unroll and not other.unroll)
+
     def _spike_train(self, x: Tensor):
         """``(spikes [T, ...], element step, outlier counts or None, time weights)``."""
         spikes, step = self.encoder.spike_train(x)
@@ -113,3 +122,21 @@ class SpikingLinear(nn.Linear):
         collapsed = self.encoder(x.detach())
         out = out + F.linear((to_input + (collapsed - collapsed.detach())).to(x.dtype), weight)
         return out if self.bias is None else out + self.bias
+
+
+def shared_input_linears(x: Tensor, layers: Sequence[SpikingLinear]) -> list[Tensor]:
+    """The outputs of ``layers`` that read the same ``x`` (q/k/v, gate/up).
+
+    Where their encoders would fire the very same train, ``x`` is encoded once and the train goes
+    to every weight matrix, as a chip broadcasts it: one encoding and one saved activation instead
+    of one per layer, each layer's statistics still updated. Otherwise each layer runs on its own.
+    """
+    first, rest = layers[0], layers[1:]
+    # layers with hooks (calibration passes, user probes) are called as modules, so hooks see them
+    hooked = any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    if hooked or not all(first.shares_spikes_with(layer) for layer in rest):
+        return [layer(x) for layer in layers]
+    if first.rotate:
+        x = hadamard_transform(x)
+    encoded = first.encoder(x, siblings=tuple(layer.encoder for layer in rest))
+    return [F.linear(encoded, layer.effective_weight(), layer.bias) for layer in layers]
