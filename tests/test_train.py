@@ -18,6 +18,9 @@ def test_short_run_learns(config_factory):
     assert result.checkpoint.is_file()
     # the statistics callback saw every activation of the final validation, from counts alone
     assert 0 < result.firing_rate < 1 and result.spikes_per_activation > 0
+    # and the energy report of the final validation, written beside the checkpoints
+    assert result.energy.tokens > 0 and 0 < result.energy.ratio_to_dense < 1.5
+    assert {"json", "figure"} <= set(result.energy_files)
 
 
 @pytest.mark.parametrize("neuron", sorted(p.stem for p in (CONF / "neuron").glob("*.yaml")))

@@ -56,3 +56,44 @@ class SpikeStatistics(pl.Callback):
 
     def on_train_end(self, trainer, module):
         track_spikes(module, enabled=False)
+
+
+class EnergyReport(pl.Callback):
+    """Counts every operation of each validation epoch exactly (:class:`OperationCounter`), logs
+    ``val/energy/{joules_per_token,ratio_to_dense,acs_per_token,macs_per_token}`` and writes
+    ``energy.json`` and ``energy.png`` (per-layer firing rate and energy) under ``output_dir``.
+    The last report is kept in :attr:`report` for the run summary."""
+
+    def __init__(self, cost, output_dir: str | None = None):
+        from spikellm.energy import CostModel, load_cost_model
+
+        self.cost = cost if isinstance(cost, CostModel) else load_cost_model(str(cost))
+        self.output_dir = output_dir
+        self.report = None
+        self.files: dict[str, str] = {}
+        self._counter = None
+
+    def on_validation_epoch_start(self, trainer, module):
+        from spikellm.energy import OperationCounter
+
+        self._counter = OperationCounter(module.model)
+
+    def on_validation_epoch_end(self, trainer, module):
+        if self._counter is None:
+            return
+        self._counter.remove()
+        report = self._counter.report(self.cost)
+        self._counter = None
+        if report.tokens == 0:
+            return
+        self.report = report
+        module.log_dict({"val/energy/joules_per_token": report.per_token(report.joules),
+                         "val/energy/ratio_to_dense": report.ratio_to_dense,
+                         "val/energy/acs_per_token": report.per_token(report.acs),
+                         "val/energy/macs_per_token": report.per_token(report.macs)})
+        if self.output_dir and trainer.is_global_zero:
+            from pathlib import Path
+
+            out = Path(self.output_dir)
+            self.files = {"json": str(report.save_json(out / "energy.json")),
+                          "figure": str(report.save_figure(out / "energy.png"))}

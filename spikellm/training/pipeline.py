@@ -35,6 +35,8 @@ class TrainResult:
     initial_val_ppl: float | None = None
     firing_rate: float | None = None  # spikes per neuron per time step, validation, all layers
     spikes_per_activation: float | None = None
+    energy: object | None = None  # the EnergyReport of the final validation, when counted
+    energy_files: dict = field(default_factory=dict)
     log_dirs: list[Path] = field(default_factory=list)
 
 
@@ -88,6 +90,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
     # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    energy = next((c for c in callbacks if hasattr(c, "report") and hasattr(c, "files")), None)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable
     block = datamodule.hparams.block_size * datamodule.hparams.batch_size
@@ -98,6 +101,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
         initial_val_ppl=None if initial_ppl is None else float(initial_ppl),
         firing_rate=_maybe_float(final.get("val/spikes/firing_rate")),
         spikes_per_activation=_maybe_float(final.get("val/spikes/spikes_per_activation")),
+        energy=energy.report if energy else None, energy_files=dict(energy.files) if energy else {},
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
     )
 
@@ -140,4 +144,14 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
     table.add_row("checkpoint", str(result.checkpoint))
     for log_dir in result.log_dirs:
         table.add_row("logs", str(log_dir))
-    Console().print(table)
+    if result.energy is not None:
+        from spikellm.energy.report import joules_text
+
+        table.add_row("energy / token", f"{joules_text(result.energy.per_token(result.energy.joules))} "
+                                        f"({result.energy.ratio_to_dense:.3f}× dense, {result.energy.cost.name})")
+        for kind, path in result.energy_files.items():
+            table.add_row(f"energy {kind}", path)
+    console = Console()
+    if result.energy is not None:
+        console.print(result.energy.rich_table("energy of the final validation"))
+    console.print(table)

@@ -1,0 +1,10 @@
+"""Energy accounting: cost models, exact operation counts, an analytic estimator, reports."""
+from spikellm.energy.cost import CostModel, load_cost_model
+
+__all__ = ["CostModel", "load_cost_model"]
+from spikellm.energy.report import EnergyReport, LayerOps
+
+__all__ += ["EnergyReport", "LayerOps"]
+from spikellm.energy.counter import OperationCounter
+
+__all__ += ["OperationCounter"]
