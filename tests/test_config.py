@@ -9,7 +9,7 @@ from spikellm.errors import ConfigError
 from spikellm.training.pipeline import prepare
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-GROUP_OPTIONS = [(group, p.stem) for group in ("model", "neuron", "data", "trainer", "callbacks", "logger")
+GROUP_OPTIONS = [(group, p.stem) for group in ("model", "neuron", "data", "trainer", "callbacks", "logger", "energy")
                  for p in sorted((CONF / group).glob("*.yaml"))]
 
 
