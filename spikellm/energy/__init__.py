@@ -8,3 +8,6 @@ __all__ += ["EnergyReport", "LayerOps"]
 from spikellm.energy.counter import OperationCounter
 
 __all__ += ["OperationCounter"]
+from spikellm.energy.estimator import estimate_llama, llama2_7b
+
+__all__ += ["estimate_llama", "llama2_7b"]

@@ -14,7 +14,8 @@ class LayerOps:
 
     ``macs`` are dense multiply-accumulates (floating-point work), ``acs`` accumulates driven by
     spikes (``Σ_t nnz(s_t) × fan_out``); ``dense_macs`` is what the layer would cost run densely on
-    the same tokens, the reference of the ratio. ``spikes``/``activations``/``steps`` describe the
+    the same tokens, the reference of the ratio. Each spike is also priced as one network event
+    (``CostModel.event_pj``); memory loads and stores are not counted yet. ``spikes``/``activations``/``steps`` describe the
     layer's input train when it has one.
     """
 
@@ -58,11 +59,12 @@ class EnergyReport:
         return sum(layer.dense_macs for layer in self.layers)
 
     def layer_joules(self, layer: LayerOps) -> float:
-        return self.cost.joules(macs=layer.macs, acs=layer.acs)
+        # every spike is also an event on the chip's network (priced where the cost model does)
+        return self.cost.joules(macs=layer.macs, acs=layer.acs, events=layer.spikes)
 
     @property
     def joules(self) -> float:
-        return self.cost.joules(macs=self.macs, acs=self.acs)
+        return sum(self.layer_joules(layer) for layer in self.layers)
 
     @property
     def dense_joules(self) -> float:
