@@ -68,7 +68,7 @@ class EnergyReport:
 
     @property
     def dense_joules(self) -> float:
-        return self.cost.joules(macs=self.dense_macs)
+        return sum(self.cost.joules(macs=layer.dense_macs) for layer in self.layers)  # summed as joules is
 
     @property
     def ratio_to_dense(self) -> float:
