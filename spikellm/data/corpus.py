@@ -14,7 +14,7 @@ SOURCES = ("pydoc", "text", "wikitext2", "c4")
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 # c4 is loaded one shard per split: the whole English corpus is ~300 GB.
 C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-HUB_SPLITS = ("train", "validation")
+HUB_SPLITS = ("train", "validation", "test")  # test: wikitext2 only (the perplexity protocol's split)
 PROBE_TIMEOUT_S = 3.0
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")  # " = Title = " starts an article; " = = Section = = " does not
 
@@ -127,8 +127,15 @@ def _probe_hub() -> str | None:
 
 
 def _load_hub(source: str, split: str) -> list[str]:
-    if split not in HUB_SPLITS:
-        raise ConfigError("split", split, "one of: " + ", ".join(HUB_SPLITS))
+    rows = hub_rows(source, split)
+    return _wikitext_articles(rows) if source == "wikitext2" else list(rows)
+
+
+def hub_rows(source: str, split: str) -> list[str]:
+    """The raw ``text`` rows of a hub corpus split (WikiText: one row per line, as the GPTQ
+    perplexity protocol joins them); fails fast, with the fix, when the hub cannot be reached."""
+    if split not in HUB_SPLITS or (source == "c4" and split == "test"):
+        raise ConfigError("split", split, "one of: train, validation" + (", test" if source == "wikitext2" else ""))
     # Offline, `datasets` retries each request for ~25 s before failing; a 3 s probe fails fast instead.
     # In offline mode `datasets` only reads its cache, which is fast, so the probe would only be in the way.
     offline = any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
@@ -137,11 +144,10 @@ def _load_hub(source: str, split: str) -> list[str]:
         raise _hub_error(source, f"offline: {reason}")
     import datasets
     try:
-        rows = datasets.load_dataset(**_hub_args(source, split))["text"]
+        return list(datasets.load_dataset(**_hub_args(source, split))["text"])
     except Exception as e:  # any failure (offline cache miss, HTTP, corrupt download) has the same fix
         detail = str(e).strip().splitlines()
         raise _hub_error(source, f"{type(e).__name__}: {detail[0] if detail else 'no detail'}") from e
-    return _wikitext_articles(rows) if source == "wikitext2" else list(rows)
 
 
 def _hub_args(source: str, split: str) -> dict:

@@ -84,6 +84,10 @@ class TextDataModule(LightningDataModule):
         log.info("%s: %d train and %d validation tokens, %d-token vocabulary", hp.source, len(self.train_tokens),
                  len(self.val_tokens), tokenizer.vocab_size)
 
+    def state_dict(self) -> dict:
+        """Saved in every Lightning checkpoint: the tokenizer, so a checkpoint evaluates on its own."""
+        return {} if self.tokenizer is None else {"tokenizer": self.tokenizer.state()}
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches, in an order fixed by ``seed``."""
         self._ready()

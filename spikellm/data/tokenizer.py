@@ -28,12 +28,12 @@ class Tokenizer:
     inside a document is encoded as plain text, so only the data pipeline marks document ends.
     """
 
-    def __init__(self, backend):
+    def __init__(self, backend, eos_id: int | None = None):
         self._backend = backend
         self._raw = isinstance(backend, tokenizers.Tokenizer)
         if self._raw:
             backend.encode_special_tokens = True
-            self.eos_id = backend.token_to_id(EOS)
+            self.eos_id = backend.token_to_id(EOS) if eos_id is None else eos_id
             serialized = backend.to_str().encode()
         else:
             self.eos_id = backend.eos_token_id
@@ -64,6 +64,19 @@ class Tokenizer:
         """Text of ``ids`` (a list or a 1-D tensor); special tokens are kept, so eos stays visible."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self._backend.decode(ids, skip_special_tokens=False)
+
+    def state(self) -> dict:
+        """Plain strings and ints that :meth:`from_state` rebuilds this tokenizer from: what a
+        checkpoint carries, so evaluation needs nothing but the checkpoint."""
+        backend = self._backend if self._raw else getattr(self._backend, "backend_tokenizer", None)
+        if backend is None:
+            raise DataError("a slow (Python) Hugging Face tokenizer cannot be stored in a checkpoint; use its "
+                            "fast version (tokenizer.json)")
+        return {"json": backend.to_str(), "eos_id": int(self.eos_id)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(state["json"]), eos_id=state["eos_id"])
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write a Hugging Face tokenizer directory, loadable with ``build_tokenizer(tokenizer_path=...)``."""

@@ -1,0 +1,34 @@
+"""Evaluate a checkpoint: ``python eval.py ckpt=<path> [tasks=[...]] [neuron=<name>]``.
+
+Examples::
+
+    python eval.py ckpt=outputs/train/<time>/checkpoints/last.ckpt
+    python eval.py ckpt=<ckpt> tasks=[tiny_mc] perplexity.datasets=[pydoc,wikitext2]
+    python eval.py ckpt=/path/to/hf_llama neuron=ternary   # spikify a Hugging Face model on the fly
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from spikellm.errors import SpikeLLMError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from spikellm.evaluation.pipeline import print_results, run_evaluation
+
+    try:
+        results, report = run_evaluation(cfg)
+    except SpikeLLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if report is not None:
+        from rich.console import Console
+
+        Console().print(report.rich_table("energy of the perplexity evaluation"))
+    print_results(results, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: loading checkpoints for evaluation, perplexity, zero-shot tasks through lm-eval."""

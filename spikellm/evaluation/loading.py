@@ -1,0 +1,99 @@
+"""Load what eval.py evaluates: a training checkpoint, or a local Hugging Face model (spikified with
+a ``neuron`` config on the fly), always with its tokenizer. Every failure is one clear line."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spikellm.config import build_attention_encoder, build_neuron
+from spikellm.data.tokenizer import Tokenizer, build_tokenizer
+from spikellm.errors import ConfigError, DataError
+
+SUPPORTED_HF = ("llama",)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer, and where it came from (recorded in results.json)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    source: str
+    config: dict = field(default_factory=dict)
+
+
+def load_model(ckpt: str | Path, neuron: dict | None = None, device: str = "cpu") -> LoadedModel:
+    """``ckpt`` is a Lightning checkpoint written by train.py, or a local Hugging Face model
+    directory (``config.json`` + weights + tokenizer). ``neuron`` (a neuron config group as a
+    dict) replaces the checkpoint's encoders, or spikifies a Hugging Face model."""
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise ConfigError("ckpt", str(ckpt), "no such file or directory; pass a checkpoint written by train.py "
+                                             "(outputs/.../checkpoints/last.ckpt) or a local Hugging Face model directory")
+    loaded = _load_hf(path, neuron) if path.is_dir() else _load_checkpoint(path, neuron)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
+    from spikellm.training.task import CausalLMTask
+
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise DataError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160]}); it may be truncated or not written by train.py") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
+        raise DataError(f"{path} is not a train.py checkpoint: it has no state_dict and hyper_parameters")
+    hparams = dict(state["hyper_parameters"])
+    if neuron is not None:
+        hparams["neuron"] = neuron
+    task = CausalLMTask(**hparams)
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    missing, unexpected = task.model.load_state_dict(weights, strict=False)
+    parameters = dict(task.model.named_parameters())
+    missing = [k for k in missing if k in parameters]
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not match the model its config describes "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer_state = next((v.get("tokenizer") for k, v in state.items()
+                            if k.endswith("DataModule") and isinstance(v, dict)), None)
+    if tokenizer_state is None:
+        raise DataError(f"{path} carries no tokenizer (written before checkpoints stored one); retrain, "
+                        "or evaluate a Hugging Face model directory that has its tokenizer")
+    tokenizer = Tokenizer.from_state(tokenizer_state)
+    if tokenizer.vocab_size > task.model.config.vocab_size:
+        raise DataError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{task.model.config.vocab_size}")
+    return LoadedModel(task.model, tokenizer, str(path), {"model": hparams["model"], "neuron": hparams.get("neuron")})
+
+
+def _load_hf(path: Path, neuron: dict | None) -> LoadedModel:
+    import transformers
+
+    from spikellm.models.llama import from_hf_llama
+
+    if not (path / "config.json").is_file():
+        raise ConfigError("ckpt", str(path), "a directory must be a Hugging Face model directory with config.json")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_HF:
+        raise ConfigError("ckpt", f"{path} ({config.model_type})",
+                          f"unsupported architecture; supported: {', '.join(SUPPORTED_HF)}")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    encoder, weight_quantizer = build_neuron(neuron)
+    model = from_hf_llama(hf_model, encoder, weight_quantizer)
+    attention = build_attention_encoder(neuron)
+    if attention is not None:
+        for layer in model.layers:
+            layer.self_attn.spike_products(attention)
+    tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
+    return LoadedModel(model, tokenizer, str(path), {"hf_model_type": config.model_type, "neuron": neuron})
+
+
+__all__ = ["LoadedModel", "load_model"]

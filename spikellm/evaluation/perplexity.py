@@ -1,0 +1,105 @@
+"""Perplexity with the protocol of GPTQ and OmniQuant, and a sliding-window variant.
+
+The evaluation text is the corpus's test split joined with ``"\\n\\n"`` and tokenized once. By
+default it is cut into non-overlapping windows of ``seqlen`` tokens (a last partial window is
+dropped, as GPTQ does); each window predicts its tokens 1..seqlen-1 and the perplexity is
+``exp(mean token NLL)``. With ``stride < seqlen`` the windows overlap: each starts ``stride``
+tokens after the previous one and scores only the tokens no earlier window scored, so every token
+after the first is predicted once, with up to ``seqlen - stride`` tokens of extra context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spikellm.checks import check_int
+from spikellm.errors import ConfigError, DataError
+
+
+@dataclass
+class Perplexity:
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    ppl: float
+    tokens: int  # predicted tokens
+    windows: int
+    seqlen: int
+    stride: int
+
+
+def eval_windows(num_tokens: int, seqlen: int, stride: int | None) -> list[tuple[int, int, int]]:
+    """``(start, end, first scored position within the window)`` of every window."""
+    if stride is None or stride >= seqlen:
+        return [(start, start + seqlen, 1) for start in range(0, num_tokens - seqlen + 1, seqlen)]
+    windows, scored_until = [], 1  # position 0 is never predicted (no context)
+    for start in range(0, num_tokens - 1, stride):
+        end = min(start + seqlen, num_tokens)
+        windows.append((start, end, max(1, scored_until - start)))
+        scored_until = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, stride: int | None = None, batch_size: int = 8,
+               progress: bool = False) -> Perplexity:
+    """Perplexity of ``model`` (input_ids ``[B, T]`` → logits) on the 1-D token ids ``tokens``."""
+    check_int("seqlen", seqlen, 2)
+    check_int("batch_size", batch_size, 1)
+    if stride is not None:
+        check_int("stride", stride, 1, seqlen)
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if limit is not None and seqlen > limit:
+        raise ConfigError("seqlen", seqlen, f"exceeds the model's max_seq_len={limit}; lower it")
+    windows = eval_windows(len(tokens), seqlen, stride)
+    if not windows:
+        raise DataError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of seqlen={seqlen}; "
+                        "lower seqlen or use a longer split")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = range(0, len(windows), batch_size)
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="perplexity", transient=True)
+    for first in batches:
+        group = windows[first:first + batch_size]
+        length = max(end - start for start, end, _ in group)
+        # short last windows (sliding mode) are right-padded; padding is never scored
+        ids = torch.zeros(len(group), length, dtype=torch.long)
+        scored = torch.zeros(len(group), length, dtype=torch.bool)
+        for row, (start, end, from_position) in enumerate(group):
+            ids[row, : end - start] = tokens[start:end]
+            scored[row, from_position: end - start] = True
+        ids, scored = ids.to(device), scored.to(device)
+        logits = model(ids).float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        mask = scored[:, 1:].flatten()
+        total_nll += nll[mask].sum(dtype=torch.float64).item()
+        total_tokens += int(mask.sum())
+    mean = total_nll / total_tokens
+    return Perplexity(mean, math.exp(mean), total_tokens, len(windows), seqlen, stride or seqlen)
+
+
+def evaluation_text(dataset: str, seed: int = 0, val_fraction: float = 0.05) -> str:
+    """The text a perplexity is measured on, by name or path.
+
+    ``wikitext2``: the test split's rows joined with ``"\\n\\n"`` (GPTQ / OmniQuant); ``c4``: the
+    first 1,100 documents of the validation shard joined with spaces (their ``c4`` protocol);
+    ``pydoc``: the validation documents of the default training split (``seed``, ``val_fraction``),
+    joined with ``"\\n\\n"``; otherwise a local file or directory of text, joined the same way.
+    """
+    from spikellm.data.corpus import hub_rows, load_documents
+    from spikellm.data.datamodule import split_documents
+
+    if dataset == "wikitext2":
+        return "\n\n".join(hub_rows("wikitext2", "test"))
+    if dataset == "c4":
+        return " ".join(hub_rows("c4", "validation")[:1100])
+    if dataset == "pydoc":
+        return "\n\n".join(split_documents(load_documents("pydoc"), val_fraction, seed)[1])
+    return "\n\n".join(load_documents("text", dataset))

@@ -1,0 +1,89 @@
+"""eval.py's job: load, measure perplexity and zero-shot accuracy, count energy, write results.json."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spikellm.config import build
+
+
+def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
+    """Returns ``(results, energy report or None)``; results are also written to ``cfg.results``."""
+    from spikellm.energy import OperationCounter
+    from spikellm.evaluation.loading import load_model
+    from spikellm.evaluation.perplexity import evaluation_text, perplexity
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
+    cost = build(cfg.energy, "energy")
+    loaded = load_model(cfg.ckpt, neuron=neuron, device=device)
+    model = loaded.model
+    results = {"ckpt": loaded.source, "model": loaded.config, "perplexity": {}, "tasks": {}, "energy": None,
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    seqlen = cfg.perplexity.seqlen or min(2048, model.config.max_seq_len)
+    report = None
+    for index, dataset in enumerate(cfg.perplexity.datasets):
+        tokens = torch.tensor(loaded.tokenizer.encode(evaluation_text(str(dataset))), dtype=torch.long)
+        counter = OperationCounter(model) if index == 0 else None  # energy of the first corpus's tokens
+        try:
+            result = perplexity(model, tokens, seqlen, cfg.perplexity.stride, cfg.perplexity.batch_size, progress=True)
+        finally:
+            if counter is not None:
+                counter.remove()
+        results["perplexity"][str(dataset)] = asdict(result)
+        if counter is not None:
+            report = counter.report(cost)
+            results["energy"] = report.to_dict()
+    if cfg.tasks:
+        from spikellm.evaluation.harness import SpikeLLMEvalLM, run_tasks
+
+        lm = SpikeLLMEvalLM(model, loaded.tokenizer, batch_size=cfg.batch_size, device=device)
+        results["tasks"] = run_tasks(lm, list(cfg.tasks), include_path=cfg.task_dir, limit=cfg.limit,
+                                     num_fewshot=cfg.num_fewshot)
+    path = Path(cfg.results)
+    _write_json(path, results)
+    if report is not None:
+        report.save_figure(path.parent / "energy.png")
+    results["files"] = {"results": str(path), "energy_figure": str(path.parent / "energy.png") if report else None}
+    return results, report
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(f.name, path)  # atomic: a reader never sees half a results file
+
+
+def print_results(results: dict, report) -> None:
+    """One table: perplexities, task accuracies (± standard error), energy, where the files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spikellm.energy.report import joules_text
+
+    table = Table(title=f"spikellm: evaluation of {results['ckpt']}", title_justify="left")
+    for column in ("metric", "value", "detail"):
+        table.add_column(column, overflow="fold")
+    for name, ppl in results["perplexity"].items():
+        table.add_row(f"ppl {name}", f"{ppl['ppl']:,.2f}",
+                      f"{ppl['tokens']:,} tokens, {ppl['windows']} windows of {ppl['seqlen']} (stride {ppl['stride']})")
+    for task, metrics in results["tasks"].items():
+        for metric in ("acc", "acc_norm"):
+            if metric in metrics:
+                stderr = metrics.get(f"{metric}_stderr")
+                table.add_row(f"{task} {metric}", f"{100 * metrics[metric]:.2f}",
+                              "" if stderr is None else f"± {100 * stderr:.2f}")
+    if report is not None:
+        table.add_row("energy / token", joules_text(report.per_token(report.joules)),
+                      f"{report.ratio_to_dense:.3f}× dense, {report.cost.name}")
+    for kind, path in results.get("files", {}).items():
+        if path:
+            table.add_row(kind.replace("_", " "), path, "")
+    Console().print(table)
