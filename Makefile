@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
+DEMO_TASKS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -14,8 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: train the default spiking LLaMA, then evaluate its checkpoint (perplexity,
+# zero-shot accuracy on the bundled local tasks, energy). Each demo gets its own directory.
+DEMO := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: $(STAMP)
-	$(BIN)/python train.py
+	$(BIN)/python train.py hydra.run.dir=$(DEMO)
+	$(BIN)/python eval.py ckpt=$(DEMO)/checkpoints/last.ckpt $(DEMO_TASKS) hydra.run.dir=$(DEMO)/eval
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
