@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
-DEMO_TASKS ?=
+DEMO_TASKS ?= tasks=[tiny_mc]
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 

@@ -84,12 +84,13 @@ def test_train_then_eval_end_to_end(tmp_path):
     checkpoint = run / "checkpoints" / "last.ckpt"
     loaded = load_model(checkpoint)
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("def f(x): return x")) == "def f(x): return x"
-    done = run_script("eval.py", f"ckpt={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}")
+    done = run_script("eval.py", f"ckpt={checkpoint}", "tasks=[tiny_mc]", "limit=4", f"hydra.run.dir={tmp_path / 'eval'}")
     assert done.returncode == 0, done.stderr[-2000:]
     import json
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["perplexity"]["pydoc"]["ppl"] > 1 and results["energy"]["tokens"] > 0
     assert results["config"]["ckpt"] == str(checkpoint)
+    assert 0 <= results["tasks"]["tiny_mc"]["acc"] <= 1 and "acc_norm_stderr" in results["tasks"]["tiny_mc"]
     done = run_script("eval.py", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'eval2'}")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: ckpt=")
