@@ -115,6 +115,17 @@ def _text_of(item, text_field: str, file: Path, where: str) -> str:
     return item
 
 
+def hub_offline_requested() -> bool:
+    """Whether the user asked the Hugging Face libraries to stay offline (they then read caches)."""
+    return any(os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_reachable() -> bool:
+    """Whether a connection to the hub opens within a few seconds (see :func:`_probe_hub`)."""
+    return _probe_hub() is None
+
+
 def _probe_hub() -> str | None:
     """Why the hub cannot be reached, or None if a TCP connection to it opens within the timeout."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
@@ -138,9 +149,7 @@ def hub_rows(source: str, split: str) -> list[str]:
         raise ConfigError("split", split, "one of: train, validation" + (", test" if source == "wikitext2" else ""))
     # Offline, `datasets` retries each request for ~25 s before failing; a 3 s probe fails fast instead.
     # In offline mode `datasets` only reads its cache, which is fast, so the probe would only be in the way.
-    offline = any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-    if not offline and (reason := _probe_hub()):
+    if not hub_offline_requested() and (reason := _probe_hub()):
         raise _hub_error(source, f"offline: {reason}")
     import datasets
     try:

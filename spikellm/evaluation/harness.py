@@ -54,7 +54,6 @@ DEFAULT_MAX_GEN_TOKS = 256
 # The zero-shot suite of DESIGN.md §1: lm-eval tasks whose data comes from the Hugging Face Hub.
 HUB_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-HUB_PROBE_TIMEOUT_S = 3.0
 
 Request = tuple[Any, list[int], list[int]]  # (cache key or None, context tokens, continuation tokens)
 
@@ -532,41 +531,23 @@ def _unknown_task_hint(paths: tuple[str, ...], local_names: list[str]) -> str:
             f"nor an lm-eval task")
 
 
-def _offline_requested() -> bool:
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _hub_endpoint() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return constants.ENDPOINT
-    except Exception:  # pragma: no cover - huggingface_hub ships with datasets
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub answers an HTTP request within ``timeout`` s (honours proxy variables).
+def _hub_reachable() -> bool:
+    # the same fast probe the corpora use: offline, ``datasets`` would retry for about a minute
+    from spikellm.data.corpus import hub_reachable
 
-    Without a network this fails at once (name resolution) or after ``timeout``, instead of
-    the minute of retries that ``datasets`` spends before giving up."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(_hub_endpoint(), method="HEAD"), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:  # an answer, even an error status, means the hub is reachable
-        return True
-    except Exception:
-        return False
+    return hub_reachable()
 
 
 def _require_hub(names: Sequence[str]) -> None:
     """Raise DataError now if the tasks' hub data cannot be fetched (unless offline mode was asked
     for, where ``datasets`` reads its cache and fails fast by itself)."""
-    if _offline_requested() or _hub_reachable():
+    from spikellm.data.corpus import hub_offline_requested
+
+    if hub_offline_requested() or _hub_reachable():
         return
     raise DataError(f"tasks {list(names)} download their data from the Hugging Face Hub ({_hub_endpoint()}), "
                     f"which cannot be reached: evaluate offline with local task files via include_path "
