@@ -1,0 +1,134 @@
+"""Module surgery: a Hugging Face causal LM whose block projections are :class:`SpikingLinear`.
+
+:func:`spikify` swaps, in place, every linear projection inside the decoder blocks of a
+``transformers`` causal LM (the inputs DESIGN.md §4 puts spikes on) for a :class:`SpikingLinear`
+that holds the very same weight and bias tensors (no copy: dtype, device, ``requires_grad`` and
+tying stay as they were) plus a fresh encoder / weight quantizer per projection. Embeddings, the
+LM head, norms and everything outside the listed projections stay in floating point.
+
+Which projections, per ``config.model_type`` (:data:`SPIKING_PROJECTIONS`):
+
+- llama, mistral, qwen2: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj`` (7 per block;
+  qwen2's q/k/v biases are kept);
+- opt: ``self_attn.{q,k,v,out}_proj``, ``fc1``, ``fc2`` (6 per block, with biases);
+- rwkv: ``attention.{key,value,receptance,output}``, ``feed_forward.{key,receptance,value}``
+  (7 per block, as arXiv 2501.16337 counts them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spikellm.errors import ConfigError
+from spikellm.nn.hadamard import hadamard_block
+from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where an architecture keeps its blocks, and which projections of a block get spikes."""
+
+    blocks: tuple[str, ...]  # candidate paths of the block ModuleList (causal LM first, base model next)
+    projections: tuple[str, ...]  # paths relative to one block
+
+
+_LLAMA_LIKE = BlockLayout(
+    blocks=("model.layers", "layers"),
+    projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+)
+
+SPIKING_PROJECTIONS: dict[str, BlockLayout] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "opt": BlockLayout(
+        blocks=("model.decoder.layers", "decoder.layers"),
+        projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "fc1", "fc2"),
+    ),
+    "rwkv": BlockLayout(
+        blocks=("rwkv.blocks", "blocks"),
+        projections=("attention.key", "attention.value", "attention.receptance", "attention.output",
+                     "feed_forward.key", "feed_forward.receptance", "feed_forward.value"),
+    ),
+}
+
+SUPPORTED = "supported: " + ", ".join(sorted(SPIKING_PROJECTIONS))
+
+
+def layout_of(model: nn.Module) -> BlockLayout:
+    """The :class:`BlockLayout` of ``model``'s ``config.model_type``; ConfigError if unsupported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SPIKING_PROJECTIONS:
+        raise ConfigError("model_type", model_type, SUPPORTED)
+    return SPIKING_PROJECTIONS[model_type]
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """The full module names (``model.layers.0.self_attn.q_proj``) :func:`spikify` replaces."""
+    layout = layout_of(model)
+    for path in layout.blocks:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        return [f"{path}.{index}.{name}" for index in range(len(blocks)) for name in layout.projections]
+    raise ConfigError("model", type(model).__name__,
+                      f"has none of the block lists {', '.join(layout.blocks)} of its model_type")
+
+
+def _spiking_from(linear: nn.Linear, encoder: EncoderFactory | None,
+                  weight_quantizer: WeightQuantizerFactory | None, unroll: bool, rotate: bool) -> SpikingLinear:
+    """A :class:`SpikingLinear` sharing ``linear``'s weight and bias parameters."""
+    weight = linear.weight
+    if rotate:
+        hadamard_block(linear.in_features)  # fails now, with the width, if it cannot be rotated
+    with torch.device("meta"):  # no throwaway allocation of a second weight
+        layer = SpikingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    layer.weight = weight
+    layer.bias = linear.bias
+    layer.rotation_folded = torch.tensor(False, device=weight.device)
+    layer.unroll, layer.rotate = unroll, rotate
+    layer.encoder = None if encoder is None else encoder().to(device=weight.device)
+    layer.weight_quantizer = None if weight_quantizer is None else weight_quantizer().to(device=weight.device)
+    layer.train(linear.training)
+    return layer
+
+
+def spikify(model: nn.Module, encoder: EncoderFactory | None = None,
+            weight_quantizer: WeightQuantizerFactory | None = None, *,
+            unroll: bool = False, rotate: bool = False) -> nn.Module:
+    """Replace, in place, the block projections of a ``transformers`` causal LM by SpikingLinear.
+
+    ``encoder`` and ``weight_quantizer`` are zero-argument factories (one fresh object per
+    projection) or None. With both None (and ``rotate=False``) the model computes exactly what it
+    did. Returns ``model``; :func:`spiking_modules` lists what was replaced.
+    """
+    for name in projection_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if isinstance(linear, SpikingLinear):
+            raise ConfigError("model", name, "is already spiking: spikify a model only once")
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError("model", name, f"must be an nn.Linear to spikify, got {type(linear).__name__}")
+        setattr(parent, child, _spiking_from(linear, encoder, weight_quantizer, unroll, rotate))
+    return model
+
+
+def spikify_from_config(model: nn.Module, neuron: dict | None) -> nn.Module:
+    """:func:`spikify` with the factories and ``unroll`` / ``rotate`` of a ``neuron`` config group."""
+    from spikellm.config import build_neuron  # hydra is only needed on this path
+
+    encoder, weight_quantizer = build_neuron(neuron)
+    options = neuron if neuron is not None else {}
+    return spikify(model, encoder, weight_quantizer,
+                   unroll=bool(options.get("unroll", False)), rotate=bool(options.get("rotate", False)))
+
+
+def spiking_modules(model: nn.Module) -> dict[str, SpikingLinear]:
+    """Every :class:`SpikingLinear` of ``model``, by full module name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SpikingLinear)}
