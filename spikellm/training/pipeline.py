@@ -90,13 +90,15 @@ def run_training(cfg: DictConfig) -> TrainResult:
     # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    energy = next((c for c in callbacks if hasattr(c, "report") and hasattr(c, "files")), None)
+    from spikellm.training.callbacks import EnergyReport
+
+    energy = next((c for c in callbacks if isinstance(c, EnergyReport)), None)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable
-    block = datamodule.hparams.block_size * datamodule.hparams.batch_size
+    tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size
     return TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
-        tokens_seen=trainer.global_step * block, seconds=time.perf_counter() - start,
+        tokens_seen=trainer.global_step * tokens_per_step, seconds=time.perf_counter() - start,
         val_loss=float(final["val/loss"]), val_ppl=float(final["val/ppl"]),
         initial_val_ppl=None if initial_ppl is None else float(initial_ppl),
         firing_rate=_maybe_float(final.get("val/spikes/firing_rate")),
