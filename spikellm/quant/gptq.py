@@ -1,0 +1,179 @@
+"""GPTQ weight quantization (DESIGN.md §3.5, §5): round-to-nearest's grid, chosen column by column
+so that each column's rounding error is compensated on the columns not yet quantized.
+
+GPTQ (Frantar et al., arXiv 2210.17323) minimizes the layer's output error ``||X Wᵀ - X Qᵀ||²`` on
+calibration inputs X. Its Hessian is ``H = 2/N Σ xxᵀ``; quantizing column j with error e moves the
+remaining columns by ``-e · H⁻¹[j, j:] / H⁻¹[j, j]`` (Optimal Brain Surgeon), computed from the upper
+Cholesky factor of ``H⁻¹`` and applied lazily, a block of columns at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from spikellm.checks import check_bool, check_float, check_int
+from spikellm.errors import ConfigError
+from spikellm.neurons.functional import round_half_up
+from spikellm.quant.weights import RoundToNearest
+
+
+class HessianAccumulator:
+    """Running ``H = 2/N Σ x xᵀ`` over the rows ``x`` of calibration inputs ``[..., in_features]``.
+
+    A running mean (as GPTQ's ``add_batch``), so a long calibration set never sums to overflow;
+    ``N`` counts tokens (rows), not sequences. Kept in ``dtype`` (float64 by default).
+    """
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float64, device=None):
+        self.in_features = check_int("in_features", in_features, 1)
+        self.hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"inputs of width {x.shape[-1]} for a Hessian of width {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(self.hessian.device, self.hessian.dtype)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        total = self.count + n
+        self.hessian.mul_(self.count / total).addmm_(rows.T, rows, alpha=2.0 / total)
+        self.count = total
+
+
+@dataclass
+class GPTQResult:
+    """``weight = integers · scales[:, group_index]``, in the layer's original column order.
+
+    ``scales`` is ``[out, groups]`` (one group when per channel); ``group_index[j]`` is column j's
+    group. With ``act_order`` and groups, a group holds columns consecutive in activation order,
+    so ``group_index`` is not monotone.
+    """
+
+    weight: Tensor
+    integers: Tensor
+    scales: Tensor
+    group_index: Tensor
+
+
+def _row_scale(quantizer: RoundToNearest, columns: Tensor) -> Tensor:
+    """RTN's scale ``[out, 1]`` for a slice of columns that share one (a row, or a group)."""
+    return columns.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / quantizer.levels
+
+
+@torch.no_grad()
+def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNearest, block_size: int = 128,
+                           percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
+    """GPTQ of ``weight [out, in]`` against ``hessian [in, in]`` onto ``quantizer``'s grid.
+
+    Dead inputs (``H_ii = 0``: a channel that is always zero) get a zero weight column and
+    ``H_ii = 1``. ``percdamp · mean(diag H)`` is added to the diagonal before inverting. With
+    ``act_order`` columns are processed by descending ``diag H`` and put back at the end. With
+    ``quantizer.group_size`` each group's scale is taken, when its first column is reached, from
+    the group's weights as updated so far (the reference's ``static_groups=False``).
+    """
+    if not isinstance(quantizer, RoundToNearest):
+        raise ConfigError("quantizer", type(quantizer).__name__, "GPTQ needs a RoundToNearest grid")
+    block_size = check_int("block_size", block_size, 1)
+    percdamp = check_float("percdamp", percdamp, 0.0, 1.0)
+    act_order = check_bool("act_order", act_order)
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
+    out_features, columns = weight.shape
+    group = quantizer.group_size
+    if group is not None and columns % group:
+        raise ConfigError("group_size", group, f"must divide the layer width {columns}")
+    levels = quantizer.levels
+
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().to(W.device, torch.float64)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    scale = None if group is not None else _row_scale(quantizer, W)  # per channel: once, up front
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    diag = torch.arange(columns, device=H.device)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+    Q = torch.zeros_like(W)
+    integers = torch.zeros_like(W)
+    group_scales = []  # in processing order
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group is not None and col % group == 0:
+                # the group's current weights: in this block from W1, beyond it from W plus the
+                # block's updates not yet applied there
+                end = col + group
+                current = W1[:, i:min(end, i2) - i1]
+                if end > i2:
+                    pending = W[:, i2:end] - Err1[:, :i] @ hinv[i1:col, i2:end]
+                    current = torch.cat((current, pending), dim=1)
+                scale = _row_scale(quantizer, current)
+                group_scales.append(scale)
+            w = W1[:, i]
+            q_int = round_half_up(w.unsqueeze(1) / scale).clamp(-levels, levels)
+            q = (q_int * scale).squeeze(1)
+            integers[:, col] = q_int.squeeze(1)
+            Q[:, col] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+    if group is None:
+        scales = scale
+        group_index = torch.zeros(columns, dtype=torch.long, device=W.device)
+    else:
+        scales = torch.cat(group_scales, dim=1)
+        group_index = torch.arange(columns, device=W.device) // group  # in processing order
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        Q, integers, group_index = Q[:, inverse], integers[:, inverse], group_index[inverse]
+    return GPTQResult(Q.to(weight.dtype), integers, scales, group_index)
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: RoundToNearest, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False) -> Tensor:
+    """The dequantized GPTQ weight (``integers · scale``); see :func:`gptq_quantize_detailed`."""
+    return gptq_quantize_detailed(weight, hessian, quantizer, block_size, percdamp, act_order).weight
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Linear, inputs: Iterable[Tensor], quantizer: RoundToNearest, **kw) -> GPTQResult:
+    """Overwrite ``layer.weight`` (in place) with its GPTQ quantization on calibration ``inputs``.
+
+    ``inputs`` are what the layer is called with (``[..., in_features]``). A ``SpikingLinear`` with
+    ``rotate=True`` has its rotation folded first and its inputs rotated, so GPTQ quantizes the
+    weight the layer actually multiplies. The encoder is not applied: H is built from the
+    full-precision inputs, as in GPTQ. A layer that also carries a ``weight_quantizer`` would
+    re-quantize the result in its forward (RTN recomputes its scale from the GPTQ'd weights, so
+    it need not give them back unchanged): give GPTQ'd layers none.
+    """
+    rotate = bool(getattr(layer, "rotate", False))
+    if rotate:
+        from spikellm.nn.hadamard import hadamard_transform
+
+        layer.fold_rotation()
+    acc = HessianAccumulator(layer.in_features, device=layer.weight.device)
+    for x in inputs:
+        acc.add_batch(hadamard_transform(x.float()) if rotate else x)
+    if acc.count == 0:
+        raise ValueError("gptq_layer needs at least one calibration input")
+    result = gptq_quantize_detailed(layer.weight, acc.hessian, quantizer, **kw)
+    layer.weight.copy_(result.weight)
+    return result
