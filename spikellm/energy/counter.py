@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from spikellm.energy.cost import CostModel
 from spikellm.energy.report import EnergyReport, LayerOps

@@ -1,7 +1,6 @@
 """Ternary weights {-1, 0, 1}·α (DESIGN.md §4, §5): BitNet b1.58 / MatMul-free LM absmean."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from spikellm.checks import check_bool, check_float
