@@ -5,6 +5,7 @@ Examples::
     python train.py                                   # the default experiment (see README)
     python train.py neuron=none trainer.max_steps=50  # dense baseline, fewer steps
     python train.py ckpt_path=outputs/.../checkpoints/last.ckpt trainer.max_steps=600  # resume
+    python train.py experiment=spikellm_w4a4 model.hf_path=/models/Llama-2-7b-hf  # convert a pretrained model
 """
 import logging
 import sys
@@ -33,10 +34,15 @@ def _one_log_stream() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from spikellm.training.pipeline import print_summary, run_training
+    from spikellm.posttrain.pipeline import print_conversion, run_conversion
+    from spikellm.training.pipeline import converts, print_summary, run_training
 
     _one_log_stream()
     try:
+        if converts(cfg):
+            result = run_conversion(cfg)
+            print_conversion(result)
+            return result.final_ppl
         result = run_training(cfg)
     except SpikeLLMError as error:
         print(f"error: {error}", file=sys.stderr)

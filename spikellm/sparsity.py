@@ -203,7 +203,7 @@ def _input_samples(model: nn.Module, layers: dict[str, nn.Module], batches: Sequ
     return {name: torch.cat(parts) for name, parts in samples.items() if parts}
 
 
-def _check_keep(keep) -> list[float]:
+def check_keep(keep) -> list[float]:
     try:
         values = list(keep)
     except TypeError:
@@ -234,7 +234,7 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Batch], loss_fn: Lo
     ``keep`` the chosen keep fraction (1.0 when dense), ``loss`` the reference after that layer.
     """
     tolerance = check_float("tolerance", tolerance, 1.0, math.inf)
-    candidates = _check_keep(keep)
+    candidates = check_keep(keep)
     batches = _check_batches(batches)
     loss_fn = loss_fn or calibration_loss
     was_training = model.training

@@ -16,9 +16,14 @@ GROUP_OPTIONS = [(group, p.stem) for group in ("model", "neuron", "data", "train
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(config_factory, experiment):
     cfg = config_factory(f"experiment={experiment}")
-    assert build(cfg.model, "model").dim > 0
     build_neuron(cfg.neuron)
     assert cfg.trainer.max_steps > 0
+    if "hf_path" in cfg.model.keys():  # a conversion: its stages build (the model needs a directory: test_posttrain)
+        assert cfg.convert.stages
+        for name, node in cfg.convert.stages.items():
+            assert callable(build(node, f"convert.stages.{name}"))
+    else:
+        assert build(cfg.model, "model").dim > 0
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)

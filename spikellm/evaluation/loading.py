@@ -14,9 +14,6 @@ from spikellm.config import build_attention_encoder, build_neuron
 from spikellm.data.tokenizer import Tokenizer, build_tokenizer
 from spikellm.errors import ConfigError, DataError
 
-SUPPORTED_HF = ("llama",)
-
-
 @dataclass
 class LoadedModel:
     """A model in eval mode, its tokenizer, and where it came from (recorded in results.json)."""
@@ -75,24 +72,42 @@ def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
 
 
 def _load_hf(path: Path, neuron: dict | None) -> LoadedModel:
+    """A converted model (``spikellm.json``), a HF LLaMA (native, so spiking attention works), or
+    another supported architecture spikified in place."""
     import transformers
 
+    from spikellm.models.hf import LogitsModel, check_hf_dir, load_hf_causal_lm
     from spikellm.models.llama import from_hf_llama
+    from spikellm.models.spikify import SPIKING_PROJECTIONS, spikify_from_config
+    from spikellm.posttrain.export import RECORD, load_converted
 
-    if not (path / "config.json").is_file():
-        raise ConfigError("ckpt", str(path), "a directory must be a Hugging Face model directory with config.json")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_HF:
-        raise ConfigError("ckpt", f"{path} ({config.model_type})",
-                          f"unsupported architecture; supported: {', '.join(SUPPORTED_HF)}")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
-    encoder, weight_quantizer = build_neuron(neuron)
-    model = from_hf_llama(hf_model, encoder, weight_quantizer)
-    attention = build_attention_encoder(neuron)
-    if attention is not None:
-        for layer in model.layers:
-            layer.self_attn.spike_products(attention)
+    check_hf_dir(path, key="ckpt")
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
+    if (path / RECORD).is_file():
+        if neuron is not None:
+            raise ConfigError("neuron", neuron.get("name"), f"a converted model ({RECORD}) carries its own encoders; "
+                                                            "drop the neuron override")
+        model, record = load_converted(path)
+        return LoadedModel(LogitsModel(model), tokenizer, str(path),
+                           {"hf_model_type": model.config.model_type, "neuron": record.get("neuron"),
+                            "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SPIKING_PROJECTIONS:
+        raise ConfigError("ckpt", f"{path} ({config.model_type})",
+                          f"unsupported architecture; supported: {', '.join(sorted(SPIKING_PROJECTIONS))}")
+    hf_model = load_hf_causal_lm(path, key="ckpt")
+    if config.model_type == "llama":
+        encoder, weight_quantizer = build_neuron(neuron)
+        model = from_hf_llama(hf_model, encoder, weight_quantizer)
+        attention = build_attention_encoder(neuron)
+        if attention is not None:
+            for layer in model.layers:
+                layer.self_attn.spike_products(attention)
+    else:
+        if build_attention_encoder(neuron) is not None:
+            raise ConfigError("neuron.attention", "set", f"spiking attention products run on LLaMA only, "
+                                                         f"not {config.model_type}")
+        model = LogitsModel(spikify_from_config(hf_model, neuron))
     return LoadedModel(model, tokenizer, str(path), {"hf_model_type": config.model_type, "neuron": neuron})
 
 

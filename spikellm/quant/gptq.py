@@ -51,7 +51,8 @@ class GPTQResult:
 
     ``scales`` is ``[out, groups]`` (one group when per channel); ``group_index[j]`` is column j's
     group. With ``act_order`` and groups, a group holds columns consecutive in activation order,
-    so ``group_index`` is not monotone.
+    so ``group_index`` is not monotone. A static grid (``column_grid``: ternary weights) has a
+    scale per column: ``scales`` is ``[out, in]`` and ``group_index[j] = j``.
     """
 
     weight: Tensor
@@ -75,19 +76,25 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     ``act_order`` columns are processed by descending ``diag H`` and put back at the end. With
     ``quantizer.group_size`` each group's scale is taken, when its first column is reached, from
     the group's weights as updated so far (the reference's ``static_groups=False``).
+
+    ``quantizer`` may instead be a static grid, any object with ``column_grid(weight, hessian) ->
+    (scales [out, in], levels [in])`` (:class:`~spikellm.quant.ternary.TernaryAbsMean`,
+    :class:`~spikellm.quant.ternary.TernaryGIFGrid`): column j is rounded onto
+    ``scales[:, j] · {-levels[j] … levels[j]}``, all fixed before the first column is quantized.
     """
-    if not isinstance(quantizer, RoundToNearest):
-        raise ConfigError("quantizer", type(quantizer).__name__, "GPTQ needs a RoundToNearest grid")
+    static = hasattr(quantizer, "column_grid")
+    if not static and not isinstance(quantizer, RoundToNearest):
+        raise ConfigError("quantizer", type(quantizer).__name__,
+                          "GPTQ needs a RoundToNearest grid or one with column_grid() (TernaryAbsMean, TernaryGIFGrid)")
     block_size = check_int("block_size", block_size, 1)
     percdamp = check_float("percdamp", percdamp, 0.0, 1.0)
     act_order = check_bool("act_order", act_order)
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
     out_features, columns = weight.shape
-    group = quantizer.group_size
+    group = None if static else quantizer.group_size
     if group is not None and columns % group:
         raise ConfigError("group_size", group, f"must divide the layer width {columns}")
-    levels = quantizer.levels
 
     W = weight.detach().clone().float()
     H = hessian.detach().clone().to(W.device, torch.float64)
@@ -95,11 +102,19 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scale = None if group is not None else _row_scale(quantizer, W)  # per channel: once, up front
+    if static:  # a scale and a level count per column, fixed up front from the weight (and H)
+        column_scales, column_levels = quantizer.column_grid(W, H)
+        column_scales, column_levels = column_scales.float().to(W.device), column_levels.to(W.device)
+    else:
+        column_levels = torch.full((columns,), quantizer.levels, device=W.device)
+        scale = None if group is not None else _row_scale(quantizer, W)  # per channel: once, up front
+        column_scales = None if group is not None else scale.expand(-1, columns)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+        column_levels = column_levels[perm]
+        column_scales = None if column_scales is None else column_scales[:, perm]
 
     diag = torch.arange(columns, device=H.device)
     H[diag, diag] += percdamp * torch.mean(torch.diag(H))
@@ -126,6 +141,9 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
                 scale = _row_scale(quantizer, current)
                 group_scales.append(scale)
             w = W1[:, i]
+            if column_scales is not None:
+                scale = column_scales[:, col:col + 1]
+            levels = int(column_levels[col])
             q_int = round_half_up(w.unsqueeze(1) / scale).clamp(-levels, levels)
             q = (q_int * scale).squeeze(1)
             integers[:, col] = q_int.squeeze(1)
@@ -135,7 +153,10 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
-    if group is None:
+    if static:  # one "group" per column
+        scales = column_scales
+        group_index = torch.arange(columns, device=W.device)
+    elif group is None:
         scales = scale
         group_index = torch.zeros(columns, dtype=torch.long, device=W.device)
     else:
@@ -144,6 +165,8 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     if perm is not None:
         inverse = torch.argsort(perm)
         Q, integers, group_index = Q[:, inverse], integers[:, inverse], group_index[inverse]
+        if static:
+            scales, group_index = scales[:, inverse], torch.arange(columns, device=W.device)
     return GPTQResult(Q.to(weight.dtype), integers, scales, group_index)
 
 
@@ -153,27 +176,48 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: RoundToNearest, bl
     return gptq_quantize_detailed(weight, hessian, quantizer, block_size, percdamp, act_order).weight
 
 
+class LayerHessian:
+    """The Hessian of the inputs a layer actually multiplies, and GPTQ of its weight against it.
+
+    A ``SpikingLinear`` with ``rotate=True`` has its rotation folded at construction and its inputs
+    rotated in :meth:`add`, so GPTQ quantizes the weight the layer multiplies. The encoder is not
+    applied: H is built from the full-precision inputs, as in GPTQ.
+    """
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+        self.rotate = bool(getattr(layer, "rotate", False))
+        if self.rotate:
+            layer.fold_rotation()
+        self.accumulator = HessianAccumulator(layer.in_features, device=layer.weight.device)
+
+    def add(self, x: Tensor) -> None:
+        if self.rotate:
+            from spikellm.nn.hadamard import hadamard_transform
+
+            x = hadamard_transform(x.float())
+        self.accumulator.add_batch(x)
+
+    @torch.no_grad()
+    def quantize(self, quantizer, **kw) -> GPTQResult:
+        """Overwrite the layer's weight with its GPTQ quantization (see :func:`gptq_quantize_detailed`)."""
+        if self.accumulator.count == 0:
+            raise ValueError("GPTQ needs at least one calibration input per layer")
+        result = gptq_quantize_detailed(self.layer.weight, self.accumulator.hessian, quantizer, **kw)
+        self.layer.weight.copy_(result.weight)
+        return result
+
+
 @torch.no_grad()
 def gptq_layer(layer: nn.Linear, inputs: Iterable[Tensor], quantizer: RoundToNearest, **kw) -> GPTQResult:
     """Overwrite ``layer.weight`` (in place) with its GPTQ quantization on calibration ``inputs``.
 
-    ``inputs`` are what the layer is called with (``[..., in_features]``). A ``SpikingLinear`` with
-    ``rotate=True`` has its rotation folded first and its inputs rotated, so GPTQ quantizes the
-    weight the layer actually multiplies. The encoder is not applied: H is built from the
-    full-precision inputs, as in GPTQ. A layer that also carries a ``weight_quantizer`` would
-    re-quantize the result in its forward (RTN recomputes its scale from the GPTQ'd weights, so
-    it need not give them back unchanged): give GPTQ'd layers none.
+    ``inputs`` are what the layer is called with (``[..., in_features]``); see :class:`LayerHessian`.
+    A layer that also carries a ``weight_quantizer`` would re-quantize the result in its forward
+    (RTN recomputes its scale from the GPTQ'd weights, so it need not give them back unchanged):
+    give GPTQ'd layers none.
     """
-    rotate = bool(getattr(layer, "rotate", False))
-    if rotate:
-        from spikellm.nn.hadamard import hadamard_transform
-
-        layer.fold_rotation()
-    acc = HessianAccumulator(layer.in_features, device=layer.weight.device)
+    hessian = LayerHessian(layer)
     for x in inputs:
-        acc.add_batch(hadamard_transform(x.float()) if rotate else x)
-    if acc.count == 0:
-        raise ValueError("gptq_layer needs at least one calibration input")
-    result = gptq_quantize_detailed(layer.weight, acc.hessian, quantizer, **kw)
-    layer.weight.copy_(result.weight)
-    return result
+        hessian.add(x)
+    return hessian.quantize(quantizer, **kw)

@@ -49,6 +49,17 @@ def _check_cross_group(cfg: DictConfig, model_config) -> None:
                           "lower data.block_size or raise model.max_seq_len")
 
 
+def converts(cfg: DictConfig) -> bool:
+    """Whether this run converts a pretrained model (``model=hf``) rather than training one."""
+    stages = (cfg.get("convert") or {}).get("stages") or {}
+    if "hf_path" in cfg.model.keys():
+        return True
+    if stages:
+        raise ConfigError("model", cfg.model.get("_target_"), "conversion stages need a pretrained model: "
+                                                              "add model=hf model.hf_path=<local HF directory>")
+    return False
+
+
 def prepare(cfg: DictConfig):
     """Build and validate everything a run needs, in the order cheap checks first."""
     model_config = build(cfg.model, "model")

@@ -20,23 +20,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class CausalLMTask(pl.LightningModule):
-    """Next-token cross-entropy with AdamW and warmup + cosine.
+class LanguageModelTask(pl.LightningModule):
+    """What every causal-LM task shares: token-weighted validation perplexity, throughput
+    logging, and AdamW with warmup + cosine over ``hparams`` lr, weight_decay, betas,
+    warmup_steps, max_steps, min_lr_ratio. A subclass sets ``self.model`` and :meth:`training_loss`."""
 
-    ``model`` and ``neuron`` are the config groups as plain dicts (``_target_`` inside), so a
-    checkpoint carries everything needed to rebuild the model: ``CausalLMTask.load_from_checkpoint``.
-    """
+    model: torch.nn.Module
 
-    def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000):
+    def __init__(self):
         super().__init__()
-        self.save_hyperparameters()
-        encoder, weight_quantizer = build_neuron(neuron)
-        options = neuron or {}
-        self.model = build(model, "model").build(
-            encoder, weight_quantizer, unroll=bool(options.get("unroll", False)),
-            attention_encoder=build_attention_encoder(neuron), rotate=bool(options.get("rotate", False)))
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
 
@@ -45,11 +37,14 @@ class CausalLMTask(pl.LightningModule):
 
     def _loss(self, batch) -> tuple[Tensor, int]:
         inputs, targets = batch
-        logits = self.model(inputs)
+        logits = self(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), targets.numel()
 
+    def training_loss(self, batch) -> tuple[Tensor, int]:
+        return self._loss(batch)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss, tokens = self._loss(batch)
+        loss, tokens = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         now = time.perf_counter()
         if self._last_step_end is not None:  # wall time of a whole step: data, forward, backward, update
@@ -86,3 +81,22 @@ class CausalLMTask(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CausalLMTask(LanguageModelTask):
+    """Next-token cross-entropy with AdamW and warmup + cosine.
+
+    ``model`` and ``neuron`` are the config groups as plain dicts (``_target_`` inside), so a
+    checkpoint carries everything needed to rebuild the model: ``CausalLMTask.load_from_checkpoint``.
+    """
+
+    def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000):
+        super().__init__()
+        self.save_hyperparameters()
+        encoder, weight_quantizer = build_neuron(neuron)
+        options = neuron or {}
+        self.model = build(model, "model").build(
+            encoder, weight_quantizer, unroll=bool(options.get("unroll", False)),
+            attention_encoder=build_attention_encoder(neuron), rotate=bool(options.get("rotate", False)))

@@ -1,0 +1,130 @@
+"""Hugging Face causal LMs on this machine: load one from a local directory, and write our own
+dense :class:`~spikellm.models.llama.SpikingLlama` as one (so a model trained here goes through
+the same conversion pipelines as a downloaded checkpoint)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from spikellm.errors import ConfigError, DataError
+from spikellm.models.spikify import SPIKING_PROJECTIONS, SUPPORTED
+
+
+def check_hf_dir(path, key: str = "model.hf_path") -> Path:
+    """``path`` as a Path if it is a local Hugging Face model directory, else a ConfigError saying so."""
+    if path is None or str(path) in ("", "???"):
+        raise ConfigError(key, "???" if path is None else path, "pass a local Hugging Face model directory (config.json, weights, tokenizer), "
+                                     f"e.g. {key}=/models/Llama-2-7b-hf")
+    directory = Path(str(path)).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(key, str(path), "no such directory; weights are never downloaded at run time: "
+                                          "download the model first (huggingface-cli download) and pass its directory")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(key, str(path), "has no config.json: it is not a Hugging Face model directory")
+    return directory
+
+
+def load_hf_causal_lm(hf_path, key: str = "model.hf_path", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode.
+
+    An architecture :func:`~spikellm.models.spikify.spikify` does not support is refused before
+    any weight is read, with the list of supported ones.
+    """
+    import transformers
+
+    directory = check_hf_dir(hf_path, key)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"{directory}/config.json cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160]})") from None
+    if config.model_type not in SPIKING_PROJECTIONS:
+        raise ConfigError(key, f"{directory} ({config.model_type})", f"unsupported architecture; {SUPPORTED}")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise DataError(f"the weights in {directory} cannot be loaded ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200]}); they may be truncated or not match config.json") from None
+    return model.eval()
+
+
+def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Logits ``[B, T, vocab]`` of our models (which return them) and of HF ones (which wrap them)."""
+    if getattr(model, "config", None) is not None and hasattr(model, "generation_config"):
+        return model(input_ids=input_ids, use_cache=False).logits
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a HF config's position embeddings allow (None: unbounded, e.g. RWKV)."""
+    for name in ("max_position_embeddings", "context_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+class LogitsModel(nn.Module):
+    """Wraps a HF causal LM so that ``forward(input_ids)`` returns its logits, as our models do
+    (what perplexity, the zero-shot harness and calibration losses call)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+        # what our evaluation reads (``config.max_seq_len``), beside the HF config itself
+        self.config = SimpleNamespace(model_type=hf_model.config.model_type, hf=hf_model.config,
+                                      max_seq_len=max_positions(hf_model.config) or 2048)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return causal_lm_logits(self.hf_model, input_ids)
+
+
+def to_hf_llama(model) -> nn.Module:
+    """A ``transformers.LlamaForCausalLM`` with the weights of a dense :class:`SpikingLlama`.
+
+    Only floating-point weights travel: a model with encoders or weight quantizers is refused (its
+    spikes would be silently lost); convert the dense model instead, with the pipelines.
+    """
+    import transformers
+
+    from spikellm.models.llama import SpikingLlama
+
+    if not isinstance(model, SpikingLlama):
+        raise ConfigError("model", type(model).__name__, "only a SpikingLlama exports to a Hugging Face LLaMA")
+    spiking = [name for name, m in model.spiking_linears().items() if m.encoder is not None
+               or m.weight_quantizer is not None or m.rotate]
+    if spiking or any(layer.self_attn.encoder is not None for layer in model.layers):
+        raise ConfigError("model", "spiking", "export the dense model (trained with neuron=none); a spiking model's "
+                                              "encoders have no place in a Hugging Face LLaMA")
+    cfg = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False, mlp_bias=False,
+    )
+    hf_model = transformers.LlamaForCausalLM(hf_config)
+    state = {("" if key.startswith("lm_head") else "model.") + key: value
+             for key, value in model.state_dict().items() if key in dict(model.named_parameters())
+             or key == "lm_head.weight"}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConfigError("model", f"missing={missing[:3]} unexpected={unexpected[:3]}",
+                          "does not map onto a Hugging Face LLaMA")
+    return hf_model.eval()
+
+
+def save_hf_llama(model, tokenizer, directory) -> Path:
+    """Write ``model`` (dense SpikingLlama) and its tokenizer as a Hugging Face model directory,
+    atomically: a directory that exists afterwards is complete; an existing one is refused."""
+    from spikellm.io import atomic_directory
+
+    hf_model = to_hf_llama(model)
+    with atomic_directory(directory) as tmp:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+    return Path(directory)

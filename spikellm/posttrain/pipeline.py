@@ -1,0 +1,149 @@
+"""``python train.py experiment=<name> model.hf_path=<dir>``: convert a pretrained causal LM.
+
+Order: validate the config and build every stage (cheap failures first), load the data group with
+the model's own tokenizer, load the model from its local directory, measure its validation
+perplexity, spikify it with the ``neuron`` group, run the ``convert.stages`` in order, measure
+again, and save the result where eval.py loads it (``<output_dir>/spiking_model``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from spikellm.checks import check_int
+from spikellm.config import build, build_neuron
+from spikellm.errors import ConfigError
+from spikellm.models.hf import causal_lm_logits, check_hf_dir, max_positions
+from spikellm.posttrain.stages import ConversionContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    model_dir: Path
+    source: str
+    fp_ppl: float
+    spiking_ppl: float  # spikified, before any stage
+    final_ppl: float
+    stages: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None) -> float:
+    """Token-weighted perplexity over the data group's validation blocks (what train.py reports)."""
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for index, (inputs, targets) in enumerate(datamodule.val_dataloader()):
+        if max_batches is not None and index >= max_batches:
+            break
+        logits = causal_lm_logits(model, inputs.to(device))
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum"))
+        tokens += targets.numel()
+    return math.exp(total / tokens)
+
+
+def check_conversion_config(cfg: DictConfig) -> dict:
+    """Everything checkable before loading data or weights; returns the built stages by name."""
+    check_hf_dir(cfg.model.get("hf_path"))
+    build_neuron(cfg.neuron)
+    if cfg.neuron is not None and cfg.neuron.get("attention") is not None:
+        raise ConfigError("neuron.attention", "set", "spiking attention products run on the native SpikingLlama; "
+                                                     "a converted Hugging Face model spikes its projections only")
+    calibration = cfg.convert.calibration
+    for key in ("n_samples", "seq_len"):
+        check_int(f"convert.calibration.{key}", calibration.get(key), 1)
+    stages = {}
+    for name, node in (cfg.convert.get("stages") or {}).items():
+        stages[name] = build(node, f"convert.stages.{name}")
+    return stages
+
+
+def run_conversion(cfg: DictConfig) -> ConversionResult:
+    """Convert ``cfg.model.hf_path`` with ``cfg.neuron`` and ``cfg.convert``; see the module docstring."""
+    import lightning.pytorch as pl
+
+    from spikellm.data.calibration import calibration_samples
+    from spikellm.models.spikify import spikify_from_config
+    from spikellm.posttrain.export import save_converted
+
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    stages = check_conversion_config(cfg)
+    hf_path = str(check_hf_dir(cfg.model.hf_path))
+    output_dir = Path(cfg.paths.output_dir)
+    model_dir = output_dir / "spiking_model"
+    if model_dir.exists():
+        raise ConfigError("paths.output_dir", str(output_dir), "already holds a spiking_model; choose another "
+                                                               "output directory (nothing is overwritten)")
+    # the model's own tokenizer, always: token ids must mean what its embedding learned
+    datamodule = build(cfg.data, "data", tokenizer_path=hf_path)
+    datamodule.setup("fit")
+    model = build(cfg.model, "model")
+    positions = max_positions(model.config)
+    for key, length in (("convert.calibration.seq_len", cfg.convert.calibration.seq_len),
+                        ("data.block_size", cfg.data.block_size)):
+        if positions is not None and length > positions:
+            raise ConfigError(key, length, f"exceeds the model's {positions} positions; lower it")
+    eval_batches = cfg.convert.get("eval_batches")
+    fp_ppl = validation_ppl(model, datamodule, eval_batches)
+    log.info("floating point: validation ppl %.3f", fp_ppl)
+    teacher = copy.deepcopy(model) if any(getattr(s, "needs_teacher", False) for s in stages.values()) else None
+    neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.neuron is not None else None
+    spikify_from_config(model, neuron)
+    spiking_ppl = validation_ppl(model, datamodule, eval_batches)
+    log.info("spikified (%s): validation ppl %.3f", (neuron or {}).get("name"), spiking_ppl)
+    calibration = calibration_samples(datamodule.train_tokens, **OmegaConf.to_container(cfg.convert.calibration,
+                                                                                         resolve=True))
+    ctx = ConversionContext(model, calibration, datamodule, teacher, cfg, output_dir)
+    summaries = {}
+    for name, stage in stages.items():
+        began = time.perf_counter()
+        summaries[name] = {**stage(ctx), "seconds": round(time.perf_counter() - began, 2)}
+    final_ppl = validation_ppl(model, datamodule, eval_batches)
+    log.info("converted: validation ppl %.3f", final_ppl)
+    from spikellm.nn.spiking_linear import SpikingLinear
+
+    folded = all(m.weight_quantizer is None for m in model.modules() if isinstance(m, SpikingLinear))
+    saved_neuron = dict(neuron or {}, weight_quantizer=None) if folded else neuron
+    record = {"source": hf_path, "neuron": saved_neuron, "thresholds": ctx.thresholds, "stages": summaries,
+              "metrics": {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl},
+              "calibration": OmegaConf.to_container(cfg.convert.calibration, resolve=True),
+              "task_name": cfg.get("task_name")}
+    save_converted(model, datamodule.tokenizer, model_dir, record)
+    return ConversionResult(output_dir, model_dir, hf_path, fp_ppl, spiking_ppl, final_ppl, summaries,
+                            time.perf_counter() - start)
+
+
+def print_conversion(result: ConversionResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="spikellm: conversion done", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("source", result.source)
+    table.add_row("val ppl, floating point", f"{result.fp_ppl:,.3f}")
+    table.add_row("val ppl, spikified", f"{result.spiking_ppl:,.3f}")
+    table.add_row("val ppl, converted", f"{result.final_ppl:,.3f}")
+    for name, summary in result.stages.items():
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in summary.items() if not isinstance(v, list))
+        table.add_row(f"stage {name}", shown)
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("spiking model", str(result.model_dir))
+    Console().print(table)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
