@@ -36,3 +36,14 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):
 @pytest.fixture
 def config_factory(tmp_path):
     return lambda *overrides: compose(list(overrides), tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and a busy second core stalls OpenMP barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

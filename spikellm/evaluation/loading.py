@@ -74,11 +74,10 @@ def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
 def _load_hf(path: Path, neuron: dict | None) -> LoadedModel:
     """A converted model (``spikellm.json``), a HF LLaMA (native, so spiking attention works), or
     another supported architecture spikified in place."""
-    import transformers
 
-    from spikellm.models.hf import LogitsModel, check_hf_dir, load_hf_causal_lm
+    from spikellm.models.hf import LogitsModel, check_hf_dir, hf_config, load_hf_causal_lm
     from spikellm.models.llama import from_hf_llama
-    from spikellm.models.spikify import SPIKING_PROJECTIONS, spikify_from_config
+    from spikellm.models.spikify import spikify_from_config
     from spikellm.posttrain.export import RECORD, load_converted
 
     check_hf_dir(path, key="ckpt")
@@ -91,10 +90,7 @@ def _load_hf(path: Path, neuron: dict | None) -> LoadedModel:
         return LoadedModel(LogitsModel(model), tokenizer, str(path),
                            {"hf_model_type": model.config.model_type, "neuron": record.get("neuron"),
                             "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SPIKING_PROJECTIONS:
-        raise ConfigError("ckpt", f"{path} ({config.model_type})",
-                          f"unsupported architecture; supported: {', '.join(sorted(SPIKING_PROJECTIONS))}")
+    config = hf_config(path, key="ckpt")
     hf_model = load_hf_causal_lm(path, key="ckpt")
     if config.model_type == "llama":
         encoder, weight_quantizer = build_neuron(neuron)

@@ -24,6 +24,11 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     cost = build(cfg.energy, "energy")
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device)
     model = loaded.model
+    exported = None
+    if cfg.get("export_hf"):
+        from spikellm.models.hf import save_hf_llama
+
+        exported = str(save_hf_llama(model, loaded.tokenizer, cfg.export_hf))
     results = {"ckpt": loaded.source, "model": loaded.config, "perplexity": {}, "tasks": {}, "energy": None,
                "config": OmegaConf.to_container(cfg, resolve=True)}
     seqlen = cfg.perplexity.seqlen or min(2048, model.config.max_seq_len)
@@ -51,6 +56,8 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     if report is not None:
         report.save_figure(path.parent / "energy.png")
     results["files"] = {"results": str(path), "energy_figure": str(path.parent / "energy.png") if report else None}
+    if exported:
+        results["files"]["hugging_face_export"] = exported
     return results, report
 
 

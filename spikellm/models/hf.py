@@ -27,12 +27,9 @@ def check_hf_dir(path, key: str = "model.hf_path") -> Path:
     return directory
 
 
-def load_hf_causal_lm(hf_path, key: str = "model.hf_path", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode.
-
-    An architecture :func:`~spikellm.models.spikify.spikify` does not support is refused before
-    any weight is read, with the list of supported ones.
-    """
+def hf_config(hf_path, key: str = "model.hf_path"):
+    """The ``AutoConfig`` of a local model directory, refused (with the supported list) when
+    :func:`~spikellm.models.spikify.spikify` does not know its architecture. Reads config.json only."""
     import transformers
 
     directory = check_hf_dir(hf_path, key)
@@ -43,6 +40,20 @@ def load_hf_causal_lm(hf_path, key: str = "model.hf_path", dtype: torch.dtype = 
                         f"{str(error).splitlines()[0][:160]})") from None
     if config.model_type not in SPIKING_PROJECTIONS:
         raise ConfigError(key, f"{directory} ({config.model_type})", f"unsupported architecture; {SUPPORTED}")
+    return config
+
+
+def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode.
+
+    An architecture :func:`~spikellm.models.spikify.spikify` does not support is refused before
+    any weight is read, with the list of supported ones. ``key`` names the setting in errors
+    (``hf_path``: built from the ``model`` group, which prefixes ``model.``).
+    """
+    import transformers
+
+    hf_config(hf_path, key)
+    directory = Path(str(hf_path)).expanduser()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:

@@ -52,6 +52,8 @@ class SpikeEncoder(nn.Module, ABC):
         self.granularity = granularity
         self.step_scale = nn.Parameter(torch.ones(())) if self.learnable_step else None
         self.register_buffer("channel_scale", None)  # [C] step multiplier per input channel, or None
+        # set (True) when the allocated channels take their per-token bound among themselves
+        self.register_buffer("separate_clusters", None)
         self.stats = None  # a SpikeStats while statistics are tracked
 
     # ---- what an encoder defines ----------------------------------------------------------
@@ -121,22 +123,34 @@ class SpikeEncoder(nn.Module, ABC):
         return step if self.step_scale is None else step * self.step_scale.detach().abs().clamp_min(1e-4)
 
     def element_step(self, x: Tensor) -> Tensor:
-        """Δ of every element: :meth:`token_step` over the channel's step multiplier."""
+        """Δ of every element: :meth:`token_step` over the channel's step multiplier. With
+        separate clusters the allocated channels and the others each take the token's bound among
+        themselves (SpikeLLM's per-cluster dynamic range), so outlier channels no longer set the
+        step of all the others."""
         step = self.token_step(x)
-        return step if self.channel_scale is None else step / self.channel_scale
+        if self.channel_scale is None:
+            return step
+        if self.separate_clusters is not None and bool(self.separate_clusters) and self.granularity == "token":
+            salient = self.channel_scale > 1
+            if bool(salient.any()) and not bool(salient.all()):
+                step = torch.where(salient, self.token_step(x[..., salient]), self.token_step(x[..., ~salient]))
+        return step / self.channel_scale
 
-    def allocate_channels(self, salient: Tensor, addbit: int) -> None:
-        """Give the channels where ``salient`` ([C] bool) is set ``2^addbit`` times the steps."""
+    def allocate_channels(self, salient: Tensor, addbit: int, separate: bool = False) -> None:
+        """Give the channels where ``salient`` ([C] bool) is set ``2^addbit`` times the steps;
+        ``separate``: they and the other channels take their per-token bounds apart."""
         addbit = check_int("addbit", addbit, 0, 8)
         if salient.dim() != 1 or salient.dtype != torch.bool:
             raise ConfigError("salient", tuple(salient.shape), "must be a 1-D bool mask over input channels")
         self.channel_scale = torch.where(salient, 2.0 ** addbit, 1.0).to(salient.device)
+        self.separate_clusters = torch.tensor(bool(check_bool("separate", separate)), device=salient.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # an allocation saved with the model creates the buffer a freshly built encoder lacks
-        saved = state_dict.get(prefix + "channel_scale")
-        if saved is not None and self.channel_scale is None:
-            self.channel_scale = torch.empty_like(saved)
+        # an allocation saved with the model creates the buffers a freshly built encoder lacks
+        for name in ("channel_scale", "separate_clusters"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(saved))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the public two forms -------------------------------------------------------------

@@ -157,7 +157,7 @@ def top_channels(saliency: Tensor, count: int) -> Tensor:
 
 
 def allocate_steps(model: nn.Module, batches: Iterable[Batch], low_p: float = 0.9, addbit: int = 1,
-                   forward: Forward | None = None) -> dict[str, Tensor]:
+                   forward: Forward | None = None, separate: bool = False) -> dict[str, Tensor]:
     """Optimal Brain Spiking: give the salient input channels of every encoded layer more steps.
 
     Runs ``model`` over ``batches`` in eval mode and under ``torch.no_grad()`` (the training flag
@@ -173,6 +173,8 @@ def allocate_steps(model: nn.Module, batches: Iterable[Batch], low_p: float = 0.
             1 allocates none.
         addbit: the salient channels get ``2^addbit`` times the steps (one or two more bits).
         forward: ``forward(model, batch)`` to run a batch, for models called another way.
+        separate: the salient channels and the others take their per-token step bounds apart
+            (see :meth:`SpikeEncoder.element_step`), as SpikeLLM's per-cluster quantizer does.
 
     Returns:
         ``{layer name: [C_in] bool mask of the salient channels}`` (a bare layer is named "").
@@ -199,7 +201,7 @@ def allocate_steps(model: nn.Module, batches: Iterable[Batch], low_p: float = 0.
     for name, saliency in accumulator.saliency().items():
         layer = layers[name]
         mask = top_channels(saliency, salient_count(saliency.shape[0], low_p)).to(layer.weight.device)
-        layer.encoder.allocate_channels(mask, addbit)
+        layer.encoder.allocate_channels(mask, addbit, separate)
         masks[name] = mask
     return masks
 

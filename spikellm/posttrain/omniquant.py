@@ -13,7 +13,9 @@ the weights, so the calibrated model is an ordinary spiking model with nothing e
   ``W_o·s``, and ``up/s`` into ``W_down·s`` (``silu(gate) ⊙ up`` is linear in ``up``). Channel
   outliers of the activations shrink, so the spike encoders' per-token steps resolve the rest.
 
-The inputs of block ``i`` are the outputs of the already-calibrated blocks ``< i``.
+The inputs of block ``i`` are the outputs of the already-calibrated blocks ``< i``. After every
+epoch the block's calibration MSE is measured and the best parameters (the starting ones
+included) are the ones folded in, so calibration never leaves a block worse than it found it.
 """
 from __future__ import annotations
 
@@ -232,9 +234,12 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, epochs: int = 20, lwc
 
     try:
         initial = mse()
-        groups = [{"params": [p for c in clips.values() for p in c.parameters()], "lr": lwc_lr},
-                  {"params": list(scales.parameters()) if scales is not None else [], "lr": let_lr}]
-        groups = [g for g in groups if g["params"]]
+        clip_params = [p for c in clips.values() for p in c.parameters()]
+        scale_params = list(scales.parameters()) if scales is not None else []
+        learned = clip_params + scale_params
+        best, best_state = initial, [p.detach().clone() for p in learned]
+        groups = [g for g in ({"params": clip_params, "lr": lwc_lr}, {"params": scale_params, "lr": let_lr})
+                  if g["params"]]
         if groups and epochs:
             optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
             generator = torch.Generator().manual_seed(seed + index)
@@ -247,7 +252,13 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, epochs: int = 20, lwc
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-        final = mse()
+                current = mse()
+                if current < best:  # keep the best epoch (the start included): a step may overshoot
+                    best, best_state = current, [p.detach().clone() for p in learned]
+        with torch.no_grad():
+            for p, value in zip(learned, best_state):
+                p.copy_(value)
+        final = best
         _fold(block, linears, clips, scales, base)
     finally:
         for p, flag in requires.items():

@@ -22,7 +22,7 @@ from torch import nn
 from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
 from spikellm.errors import ConfigError
-from spikellm.models.hf import causal_lm_logits, check_hf_dir, max_positions
+from spikellm.models.hf import causal_lm_logits, check_hf_dir, hf_config, max_positions
 from spikellm.posttrain.stages import ConversionContext
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None)
 
 def check_conversion_config(cfg: DictConfig) -> dict:
     """Everything checkable before loading data or weights; returns the built stages by name."""
-    check_hf_dir(cfg.model.get("hf_path"))
+    hf_config(cfg.model.get("hf_path"))  # the directory and its architecture, from config.json alone
     build_neuron(cfg.neuron)
     if cfg.neuron is not None and cfg.neuron.get("attention") is not None:
         raise ConfigError("neuron.attention", "set", "spiking attention products run on the native SpikingLlama; "
                                                      "a converted Hugging Face model spikes its projections only")
     calibration = cfg.convert.calibration
-    for key in ("n_samples", "seq_len"):
-        check_int(f"convert.calibration.{key}", calibration.get(key), 1)
+    check_int("convert.calibration.n_samples", calibration.get("n_samples"), 1)
+    check_int("convert.calibration.seq_len", calibration.get("seq_len"), 2)  # a next token to predict
     stages = {}
     for name, node in (cfg.convert.get("stages") or {}).items():
         stages[name] = build(node, f"convert.stages.{name}")

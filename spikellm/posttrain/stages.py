@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from spikellm.checks import check_float, check_int
@@ -37,9 +36,12 @@ class ConversionContext:
 
 class OptimalBrainSpiking:
     """SpikeLLM's saliency-based step allocation on the calibration set: the top ``1 - low_p``
-    input channels of every projection get ``2^addbit`` times the steps."""
+    input channels of every projection get ``2^addbit`` times the steps; with ``separate`` they and
+    the other channels take their per-token step bounds apart (SpikeLLM's per-cluster range)."""
 
-    def __init__(self, low_p: float = 0.9, addbit: int = 1, samples: int | None = None, batch_size: int = 1):
+    def __init__(self, low_p: float = 0.9, addbit: int = 1, separate: bool = True, samples: int | None = None,
+                 batch_size: int = 1):
+        self.separate = bool(separate)
         self.low_p = check_float("low_p", low_p, 0.0, 1.0)
         self.addbit = check_int("addbit", addbit, 0, 8)
         self.samples = None if samples is None else check_int("samples", samples, 1)
@@ -49,7 +51,7 @@ class OptimalBrainSpiking:
         from spikellm.neurons.saliency import allocate_steps, average_steps
 
         masks = allocate_steps(ctx.model, ctx.batches(self.samples, self.batch_size), self.low_p, self.addbit,
-                               forward=causal_lm_logits)
+                               forward=causal_lm_logits, separate=self.separate)
         steps = average_steps(ctx.model)
         log.info("Optimal Brain Spiking: %d layers, %.2f steps per channel on average", len(masks), steps)
         return {"layers": len(masks), "average_steps": steps}

@@ -134,7 +134,8 @@ def allocate_salient_channels(model, allocation, datamodule) -> None:
 
     batches = check_int("neuron.allocation.batches", allocation.get("batches", 8), 1)
     allocate_steps(model, itertools.islice(datamodule.train_dataloader(), batches),
-                   low_p=allocation.get("low_p", 0.9), addbit=allocation.get("addbit", 1))
+                   low_p=allocation.get("low_p", 0.9), addbit=allocation.get("addbit", 1),
+                   separate=bool(allocation.get("separate", False)))
     log.info("Optimal Brain Spiking: %.2f steps per channel on average", average_steps(model))
 
 
