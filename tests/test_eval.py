@@ -79,16 +79,28 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path):
 
 def test_train_then_eval_end_to_end(tmp_path):
     run = tmp_path / "run"
-    done = run_script("train.py", "experiment=smoke", "trainer.max_steps=5", f"hydra.run.dir={run}")
+    int4 = "neuron.weight_quantizer={_target_:spikellm.quant.RoundToNearest,_partial_:true,bits:4}"
+    done = run_script("train.py", "experiment=smoke", "trainer.max_steps=5", int4, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     checkpoint = run / "checkpoints" / "last.ckpt"
     loaded = load_model(checkpoint)
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("def f(x): return x")) == "def f(x): return x"
-    done = run_script("eval.py", f"ckpt={checkpoint}", "tasks=[tiny_mc]", "limit=4", f"hydra.run.dir={tmp_path / 'eval'}")
+    done = run_script("eval.py", f"ckpt={checkpoint}", "tasks=[tiny_mc]", "limit=4", f"export={tmp_path / 'exported'}",
+                      f"hydra.run.dir={tmp_path / 'eval'}")
     assert done.returncode == 0, done.stderr[-2000:]
     import json
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    # train -> spiking checkpoint -> load -> eval: the same perplexity, to the last digit
+    for spiking in (run / "spiking_checkpoint", tmp_path / "exported"):
+        out = tmp_path / f"eval-{spiking.name}"
+        done = run_script("eval.py", f"ckpt={spiking}", "backend=torch", f"hydra.run.dir={out}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        again = json.loads((out / "results.json").read_text())
+        assert again["perplexity"]["pydoc"]["ppl"] == results["perplexity"]["pydoc"]["ppl"]
+        assert again["model"]["backend"] == "torch"
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "ppl pydoc" in card and "tiny_mc acc" in card and "int4" in card
     assert results["perplexity"]["pydoc"]["ppl"] > 1 and results["energy"]["tokens"] > 0
     assert results["config"]["ckpt"] == str(checkpoint)
     assert 0 <= results["tasks"]["tiny_mc"]["acc"] <= 1 and "acc_norm_stderr" in results["tasks"]["tiny_mc"]

@@ -572,12 +572,19 @@ def test_save_hf_llama_round_trip_and_refusals(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="dense model"):
         to_hf_llama(spiking)
     with pytest.raises(ConfigError, match="dense model"):
-        save_hf_llama(spiking, tokenizer, tmp_path / "spiking")
+        save_hf_llama(spiking, tokenizer, tmp_path / "spiking", dequantize=False)
     assert not (tmp_path / "spiking").exists()
-    quantized = LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, ffn_dim=64,
-                            max_seq_len=32).build(weight_quantizer=lambda: RoundToNearest(bits=4))
+    quantized = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4, ffn_dim=64,
+                            max_seq_len=32).build(weight_quantizer=lambda: RoundToNearest(bits=4)).eval()
     with pytest.raises(ConfigError):
         to_hf_llama(quantized)
+    # dequantized: the weights the projections multiply, in plain transformers (same logits: no encoders here)
+    dequantized = load_hf_causal_lm(save_hf_llama(quantized, tokenizer, tmp_path / "dequantized"))
+    torch.testing.assert_close(_logits(dequantized, ids), quantized(ids).detach(), rtol=0, atol=1e-5)
+    rotated = LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, ffn_dim=64,
+                          max_seq_len=32).build(rotate=True)
+    with pytest.raises(ConfigError, match="rotated"):
+        to_hf_llama(rotated, dequantize=True)
     with pytest.raises(ConfigError, match="SpikingLlama"):
         to_hf_llama(_hf("llama"))
 

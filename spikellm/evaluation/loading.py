@@ -24,17 +24,34 @@ class LoadedModel:
     config: dict = field(default_factory=dict)
 
 
-def load_model(ckpt: str | Path, neuron: dict | None = None, device: str = "cpu") -> LoadedModel:
-    """``ckpt`` is a Lightning checkpoint written by train.py, or a local Hugging Face model
-    directory (``config.json`` + weights + tokenizer). ``neuron`` (a neuron config group as a
-    dict) replaces the checkpoint's encoders, or spikifies a Hugging Face model."""
+def load_model(ckpt: str | Path, neuron: dict | None = None, device: str = "cpu", backend: str = "auto") -> LoadedModel:
+    """``ckpt`` is a Lightning checkpoint written by train.py, a spiking checkpoint directory
+    (:mod:`spikellm.checkpoint`; ``backend`` picks kernels or reference), or a local Hugging Face
+    model directory (``config.json`` + weights + tokenizer). ``neuron`` (a neuron config group as
+    a dict) replaces a training checkpoint's encoders, or spikifies a Hugging Face model."""
+    from spikellm.checkpoint import is_spiking_checkpoint
+
     path = Path(ckpt).expanduser()
     if not path.exists():
         raise ConfigError("ckpt", str(ckpt), "no such file or directory; pass a checkpoint written by train.py "
                                              "(outputs/.../checkpoints/last.ckpt) or a local Hugging Face model directory")
+    if path.is_dir() and is_spiking_checkpoint(path):
+        return _load_spiking(path, neuron, device, backend)
     loaded = _load_hf(path, neuron) if path.is_dir() else _load_checkpoint(path, neuron)
     loaded.model.to(device).eval()
     return loaded
+
+
+def _load_spiking(path: Path, neuron: dict | None, device: str, backend: str) -> LoadedModel:
+    from spikellm.checkpoint import load_spiking_checkpoint
+
+    if neuron is not None:
+        raise ConfigError("neuron", neuron.get("name"), "a spiking checkpoint carries its own encoders; drop the override")
+    model, tokenizer, config = load_spiking_checkpoint(path, backend=backend, device=device)
+    routed = sum(layer.kernel_forward is not None for layer in model.spiking_linears().values())
+    return LoadedModel(model, tokenizer, str(path), {"model": config["model"], "neuron": config["neuron"],
+                                                     "backend": "triton" if routed else "torch",
+                                                     "kernel_layers": routed})
 
 
 def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:

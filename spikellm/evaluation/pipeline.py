@@ -22,7 +22,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     cost = build(cfg.energy, "energy")
-    loaded = load_model(cfg.ckpt, neuron=neuron, device=device)
+    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
     model = loaded.model
     exported = None
     if cfg.get("export_hf"):
@@ -51,6 +51,8 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
         lm = SpikeLLMEvalLM(model, loaded.tokenizer, batch_size=cfg.batch_size, device=device)
         results["tasks"] = run_tasks(lm, list(cfg.tasks), include_path=cfg.task_dir, limit=cfg.limit,
                                      num_fewshot=cfg.num_fewshot)
+    if cfg.get("export"):
+        results["files_pending_export"] = _export_spiking(loaded, results, cfg)
     path = Path(cfg.results)
     _write_json(path, results)
     if report is not None:
@@ -58,7 +60,28 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     results["files"] = {"results": str(path), "energy_figure": str(path.parent / "energy.png") if report else None}
     if exported:
         results["files"]["hugging_face_export"] = exported
+    if results.get("files_pending_export"):
+        results["files"]["spiking_checkpoint"] = results.pop("files_pending_export")
     return results, report
+
+
+def _export_spiking(loaded, results: dict, cfg) -> str:
+    """Write the evaluated model as a spiking checkpoint whose card carries this evaluation."""
+    from spikellm.checkpoint import save_spiking_checkpoint
+    from spikellm.errors import ConfigError
+
+    if "model" not in loaded.config:
+        raise ConfigError("export", cfg.export, "spiking checkpoints are written for train.py models "
+                                                "(a Hugging Face conversion is already saved by train.py)")
+    card = {f"ppl {name}": round(r["ppl"], 4) for name, r in results["perplexity"].items()}
+    card.update({f"{name} {metric}": round(value, 4) for name, task in results["tasks"].items()
+                 for metric, value in task.items() if isinstance(value, float)})
+    if results.get("energy"):
+        card["energy per token (J)"] = results["energy"]["joules_per_token"]
+        card["energy vs dense"] = round(results["energy"]["ratio_to_dense"], 4)
+    return str(save_spiking_checkpoint(loaded.model, cfg.export, model_config=loaded.config["model"],
+                                       neuron=loaded.config.get("neuron"), tokenizer=loaded.tokenizer, card=card,
+                                       cost_model=cfg.energy.get("name")))
 
 
 def _write_json(path: Path, data: dict) -> None:

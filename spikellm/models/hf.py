@@ -93,11 +93,12 @@ class LogitsModel(nn.Module):
         return causal_lm_logits(self.hf_model, input_ids)
 
 
-def to_hf_llama(model) -> nn.Module:
-    """A ``transformers.LlamaForCausalLM`` with the weights of a dense :class:`SpikingLlama`.
+def to_hf_llama(model, dequantize: bool = False) -> nn.Module:
+    """A ``transformers.LlamaForCausalLM`` with the weights of a :class:`SpikingLlama`.
 
-    Only floating-point weights travel: a model with encoders or weight quantizers is refused (its
-    spikes would be silently lost); convert the dense model instead, with the pipelines.
+    A spiking model is refused unless ``dequantize``: then each projection gets the weight it
+    multiplies (quantized values, as floats) and the encoders are dropped, for users who want the
+    weights' accuracy in plain ``transformers``; its activations are floating point there.
     """
     import transformers
 
@@ -105,11 +106,14 @@ def to_hf_llama(model) -> nn.Module:
 
     if not isinstance(model, SpikingLlama):
         raise ConfigError("model", type(model).__name__, "only a SpikingLlama exports to a Hugging Face LLaMA")
-    spiking = [name for name, m in model.spiking_linears().items() if m.encoder is not None
-               or m.weight_quantizer is not None or m.rotate]
-    if spiking or any(layer.self_attn.encoder is not None for layer in model.layers):
-        raise ConfigError("model", "spiking", "export the dense model (trained with neuron=none); a spiking model's "
-                                              "encoders have no place in a Hugging Face LLaMA")
+    layers = model.spiking_linears()
+    if any(m.rotate for m in layers.values()):
+        raise ConfigError("model", "rotate=true", "a rotated model's projections expect rotated inputs, which a "
+                                                  "Hugging Face LLaMA does not compute")
+    spiking = [name for name, m in layers.items() if m.encoder is not None or m.weight_quantizer is not None]
+    if not dequantize and (spiking or any(layer.self_attn.encoder is not None for layer in model.layers)):
+        raise ConfigError("model", "spiking", "export the dense model (trained with neuron=none), or dequantize: "
+                                              "a spiking model's encoders have no place in a Hugging Face LLaMA")
     cfg = model.config
     hf_config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
@@ -118,7 +122,8 @@ def to_hf_llama(model) -> nn.Module:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False, mlp_bias=False,
     )
     hf_model = transformers.LlamaForCausalLM(hf_config)
-    state = {("" if key.startswith("lm_head") else "model.") + key: value
+    effective = {f"{name}.weight": m.effective_weight().detach() for name, m in layers.items()}
+    state = {("" if key.startswith("lm_head") else "model.") + key: effective.get(key, value)
              for key, value in model.state_dict().items() if key in dict(model.named_parameters())
              or key == "lm_head.weight"}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
@@ -129,12 +134,13 @@ def to_hf_llama(model) -> nn.Module:
     return hf_model.eval()
 
 
-def save_hf_llama(model, tokenizer, directory) -> Path:
-    """Write ``model`` (dense SpikingLlama) and its tokenizer as a Hugging Face model directory,
-    atomically: a directory that exists afterwards is complete; an existing one is refused."""
+def save_hf_llama(model, tokenizer, directory, dequantize: bool = True) -> Path:
+    """Write ``model`` (a SpikingLlama; see :func:`to_hf_llama`) and its tokenizer as a Hugging Face
+    model directory, atomically: a directory that exists afterwards is complete; an existing one
+    is refused."""
     from spikellm.io import atomic_directory
 
-    hf_model = to_hf_llama(model)
+    hf_model = to_hf_llama(model, dequantize=dequantize)
     with atomic_directory(directory) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save(tmp)

@@ -40,6 +40,8 @@ class SpikingLinear(nn.Linear):
             hadamard_block(in_features)  # fails now, with the width, if it cannot be rotated
         # whether ``weight`` already holds W H (saved with the model, so loading never rotates twice)
         self.register_buffer("rotation_folded", torch.tensor(False))
+        # set by spikellm.nn.kernel_linear.use_kernels on a loaded checkpoint: the Triton path
+        self.kernel_forward = None
 
     def effective_weight(self) -> Tensor:
         weight = self.weight
@@ -55,6 +57,8 @@ class SpikingLinear(nn.Linear):
             self.rotation_folded.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_forward is not None:
+            return self.kernel_forward(self, x)
         if self.rotate:
             x = hadamard_transform(x)
         if self.encoder is None:
@@ -69,6 +73,7 @@ class SpikingLinear(nn.Linear):
         a, b = self.encoder, other.encoder
         # cheap checks first: this runs on every forward, and extra_repr formats a string
         return (a is not None and b is not None and type(a) is type(b)
+                and self.kernel_forward is None and other.kernel_forward is None
                 and a.channel_scale is None and b.channel_scale is None
                 and a.step_scale is None and b.step_scale is None
                 and self.rotate == other.rotate and not self.unroll and not other.unroll

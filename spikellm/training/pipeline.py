@@ -38,6 +38,7 @@ class TrainResult:
     energy: object | None = None  # the EnergyReport of the final validation, when counted
     energy_files: dict = field(default_factory=dict)
     log_dirs: list[Path] = field(default_factory=list)
+    spiking_checkpoint: Path | None = None  # packed weights + encoders + model card, for inference
 
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
@@ -106,6 +107,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
     energy = next((c for c in callbacks if isinstance(c, EnergyReport)), None)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable
+    spiking = save_final_checkpoint(cfg, task, datamodule, final, energy, output_dir / "spiking_checkpoint")
     tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size
     return TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
@@ -116,7 +118,24 @@ def run_training(cfg: DictConfig) -> TrainResult:
         spikes_per_activation=_maybe_float(final.get("val/spikes/spikes_per_activation")),
         energy=energy.report if energy else None, energy_files=dict(energy.files) if energy else {},
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
+        spiking_checkpoint=spiking,
     )
+
+
+def save_final_checkpoint(cfg: DictConfig, task, datamodule, final: dict, energy, directory: Path) -> Path:
+    """The run's spiking checkpoint (:mod:`spikellm.checkpoint`), its card carrying the final
+    validation and energy figures; replaced atomically if the run directory already has one."""
+    from spikellm.checkpoint import save_spiking_checkpoint
+
+    card = {"val ppl": round(float(final["val/ppl"]), 4), "val loss": round(float(final["val/loss"]), 6),
+            "data": cfg.data.get("source"), "steps": int(task.global_step)}
+    if energy is not None and energy.report is not None:
+        card["energy per token (J)"] = energy.report.per_token(energy.report.joules)
+        card["energy vs dense"] = round(energy.report.ratio_to_dense, 4)
+    return save_spiking_checkpoint(task.model, directory, model_config=task.hparams.model, neuron=task.hparams.neuron,
+                                   tokenizer=datamodule.tokenizer, card=card,
+                                   cost_model=energy.report.cost.name if energy is not None and energy.report else None,
+                                   overwrite=True)
 
 
 def _maybe_float(value) -> float | None:
@@ -156,6 +175,8 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
     table.add_row("steps / tokens", f"{result.steps} / {result.tokens_seen:,}")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("checkpoint", str(result.checkpoint))
+    if result.spiking_checkpoint is not None:
+        table.add_row("spiking checkpoint", str(result.spiking_checkpoint))
     for log_dir in result.log_dirs:
         table.add_row("logs", str(log_dir))
     if result.energy is not None:

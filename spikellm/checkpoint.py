@@ -1,0 +1,206 @@
+"""The spiking checkpoint: what a trained spiking LLaMA is, written for inference, never pickled.
+
+A directory holding
+
+- ``config.json``: format and version, the model config, the neuron config, every projection's
+  encoder and weight format (``int4``, ``int8``, ``ternary`` packed integers with per-row/group
+  scales, or ``float``), the cost model of its energy figures;
+- ``model.safetensors``: the packed integer weights (``<layer>.qweight``) and their scales
+  (``<layer>.qscale``), every other parameter, and the encoders' buffers (step allocations,
+  cluster flags, learned step scales);
+- the tokenizer, and ``README.md``, a model card with the evaluation and energy figures.
+
+:func:`load_spiking_checkpoint` rebuilds the model from these alone. A projection's weight is
+rebuilt as ``integers · scale`` with the very operations its quantizer used, so the loaded model's
+outputs are bit-identical to the model that wrote it (``backend="torch"``). ``backend="triton"``
+runs each integer projection through the fused encoder and the spike-driven linear kernel
+(:mod:`spikellm.kernels`): exact integer sums, equal to the float path up to its rounding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from spikellm.errors import ConfigError, DataError
+from spikellm.io import atomic_directory
+from spikellm.nn.hadamard import hadamard_transform
+from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.quant.ternary import TernaryAbsMean
+from spikellm.quant.weights import RoundToNearest
+
+FORMAT = "spikellm-spiking-checkpoint"
+VERSION = 1
+BACKENDS = ("auto", "torch", "triton")
+
+
+def weight_format(layer: SpikingLinear) -> tuple[str, int | None, int | None]:
+    """``(format, bits, group_size)`` a projection's weight is stored in."""
+    quantizer = layer.weight_quantizer
+    if isinstance(quantizer, TernaryAbsMean):
+        return "ternary", 2, None
+    if isinstance(quantizer, RoundToNearest) and quantizer.bits <= 8:
+        return ("int4" if quantizer.bits <= 4 else "int8"), quantizer.bits, quantizer.group_size
+    return "float", None, None
+
+
+def _quantizable_weight(layer: SpikingLinear) -> Tensor:
+    """The weight the quantizer sees: rotated first when the rotation is not folded yet."""
+    weight = layer.weight
+    return hadamard_transform(weight) if layer.rotate and not bool(layer.rotation_folded) else weight
+
+
+def _integers_and_scales(layer: SpikingLinear) -> tuple[Tensor, Tensor]:
+    """``(integers [N, K], scales [N, groups])`` with ``quantizer(W) == (integers · scale)``."""
+    scale, integers = layer.weight_quantizer.scales_and_integers(_quantizable_weight(layer).detach())
+    return integers.reshape(layer.out_features, -1), scale.reshape(layer.out_features, -1)
+
+
+def dequantize(integers: Tensor, scales: Tensor) -> Tensor:
+    """``integers · scale`` in the layout and order the quantizers compute it (bit-identical)."""
+    out_features, in_features = integers.shape
+    groups = scales.shape[1]
+    grouped = integers.float().reshape(out_features, groups, in_features // groups)
+    return (grouped * scales.float().reshape(out_features, groups, 1)).reshape(out_features, in_features)
+
+
+@torch.no_grad()
+def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dict | None, tokenizer,
+                            card: dict | None = None, cost_model: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (a :class:`~spikellm.models.llama.SpikingLlama`) as a spiking checkpoint."""
+    from safetensors.torch import save_file
+
+    from spikellm.kernels.packing import pack_weights
+
+    layers, tensors = {}, {}
+    quantized = set()
+    for name, layer in model.spiking_linears().items():
+        fmt, bits, group = weight_format(layer)
+        layers[name] = {"weight_format": fmt, "bits": bits, "group_size": group, "in_features": layer.in_features,
+                        "out_features": layer.out_features, "rotate": bool(layer.rotate),
+                        "encoder": None if layer.encoder is None else
+                        f"{type(layer.encoder).__name__}({layer.encoder.extra_repr()})"}
+        if fmt != "float":
+            integers, scales = _integers_and_scales(layer)
+            tensors[f"{name}.qweight"] = pack_weights(integers, fmt)
+            tensors[f"{name}.qscale"] = scales.float().contiguous()
+            quantized.add(f"{name}.weight")
+    state = model.state_dict()
+    seen: dict[int, str] = {}
+    for key, value in state.items():
+        if key in quantized:
+            continue
+        if value.data_ptr() in seen and value.numel():  # tied (embeddings and head): stored once
+            continue
+        seen[value.data_ptr()] = key
+        tensors[key] = value.detach().contiguous().clone()
+    config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
+              "cost_model": cost_model, "card": card or {}}
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        tokenizer.save(tmp)
+        (tmp / "README.md").write_text(model_card(config))
+    return Path(directory)
+
+
+def model_card(config: dict) -> str:
+    """The README of a spiking checkpoint: what the model is and what it measured."""
+    card = config.get("card") or {}
+    formats = sorted({layer["weight_format"] for layer in config["layers"].values()})
+    encoders = sorted({str(layer["encoder"]) for layer in config["layers"].values()})
+    lines = ["# Spiking LLaMA (spikellm checkpoint)", "",
+             f"- architecture: `{json.dumps({k: v for k, v in config['model'].items() if k != '_target_'})}`",
+             f"- projection inputs: {', '.join(f'`{e}`' for e in encoders)}",
+             f"- projection weights: {', '.join(formats)}",
+             f"- cost model of the energy figures: {config.get('cost_model')}", "", "## Measured", ""]
+    lines += [f"- {key}: {value}" for key, value in card.items()] or ["- (no figures were recorded)"]
+    lines += ["", "Load with `spikellm.checkpoint.load_spiking_checkpoint(<dir>)` or evaluate with "
+                  "`python eval.py ckpt=<dir>`.", ""]
+    return "\n".join(lines)
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is incomplete") from None
+    if config.get("format") != FORMAT:
+        raise DataError(f"{path} is not a spikellm spiking checkpoint (format {config.get('format')!r})")
+    if config.get("version") != VERSION:
+        raise DataError(f"{path} has format version {config.get('version')!r}; this spikellm reads version {VERSION}")
+    return config
+
+
+def is_spiking_checkpoint(directory) -> bool:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+@torch.no_grad()
+def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torch.device = "cpu"):
+    """``(model in eval mode, tokenizer, config)`` from a directory written by :func:`save_spiking_checkpoint`.
+
+    ``backend``: ``torch`` (the float collapsed form, bit-identical to the writer), ``triton``
+    (the kernels; CUDA or the Triton interpreter), ``auto`` (triton on a CUDA device, else torch).
+    Anything missing, corrupt or inconsistent is a DataError naming it; no partial model is returned.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from spikellm.config import build, build_attention_encoder, build_neuron
+    from spikellm.data.tokenizer import build_tokenizer
+    from spikellm.kernels.packing import unpack_weights_reference
+
+    if backend not in BACKENDS:
+        raise ConfigError("backend", backend, "must be one of: " + ", ".join(BACKENDS))
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError, RuntimeError) as error:
+        raise DataError(f"{weights} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+                        "it is truncated or corrupt") from None
+    neuron = config.get("neuron")
+    encoder, _ = build_neuron(neuron)
+    options = neuron or {}
+    model = build(config["model"], "model").build(encoder, None, attention_encoder=build_attention_encoder(neuron),
+                                                  rotate=bool(options.get("rotate", False)))
+    modules = dict(model.named_modules())
+    for name, info in config["layers"].items():
+        layer = modules.get(name)
+        if not isinstance(layer, SpikingLinear) or (layer.in_features, layer.out_features) != (
+                info["in_features"], info["out_features"]):
+            raise DataError(f"{directory}: layer {name!r} of config.json does not match the model it describes")
+        if info["weight_format"] == "float":
+            continue
+        try:
+            packed, scales = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qscale")
+        except KeyError as missing:
+            raise DataError(f"{weights} lacks the tensor {missing.args[0]!r}") from None
+        integers = unpack_weights_reference(packed, layer.in_features, info["weight_format"])
+        if integers.shape != (layer.out_features, layer.in_features) or scales.shape[0] != layer.out_features:
+            raise DataError(f"{weights}: {name} has packed weights {tuple(packed.shape)} and scales "
+                            f"{tuple(scales.shape)}, not those of a {layer.out_features}×{layer.in_features} layer")
+        tensors[f"{name}.weight"] = dequantize(integers, scales)
+        tensors[f"{name}.rotation_folded"] = torch.tensor(True)  # the weight is stored rotated
+        layer.integer_weight = (integers, scales)  # what the kernel path multiplies
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    missing = [key for key in missing if key not in tied]
+    if missing or unexpected:
+        raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
+        from spikellm.nn.kernel_linear import use_kernels
+
+        use_kernels(model)
+    tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(directory))
+    return model, tokenizer, config

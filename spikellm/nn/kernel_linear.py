@@ -1,0 +1,69 @@
+"""The inference path of a loaded spiking checkpoint through the Triton kernels.
+
+:func:`use_kernels` gives every eligible :class:`SpikingLinear` of a model a ``kernel_forward``:
+the fused encoder turns its input into int8 counts and a per-token step, and the spike-driven
+linear kernel sums ``counts × integer weights`` exactly (int32) and applies the two scales. A
+channel given ``m`` times the steps (Optimal Brain Spiking) has its counts brought to the common
+step ``Δ / max m`` (``n · max m / m``, still an integer), so one per-token step remains.
+
+Eligible: a uniform-count encoder (ternary, IF, GIF, bit-plane) on per-token steps, no outlier
+stream and no separate clusters, counts within int8, and integer weights with one scale per
+output channel. Others keep the float collapsed form, which computes the same function.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from spikellm.nn.hadamard import hadamard_transform
+from spikellm.nn.spiking_linear import SpikingLinear
+
+
+def kernel_eligible(layer: SpikingLinear) -> bool:
+    encoder = layer.encoder
+    integer = getattr(layer, "integer_weight", None)
+    if encoder is None or integer is None or layer.unroll or integer[1].shape[1] != 1:
+        return False
+    if getattr(encoder, "granularity", "token") != "token" or getattr(encoder, "residual", "drop") == "outlier":
+        return False
+    if encoder.separate_clusters is not None and bool(encoder.separate_clusters):
+        return False
+    bound = max(abs(encoder.min_count), abs(encoder.max_count)) * encoder.max_scale
+    return bound <= 127 and hasattr(encoder, "step_levels")
+
+
+def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
+    from spikellm.kernels import encode_counts, spike_linear
+
+    encoder = layer.encoder
+    rows = x.reshape(-1, layer.in_features).float()
+    if layer.rotate:
+        rows = hadamard_transform(rows)
+    given_step = None
+    if encoder.gamma < 1.0 or encoder.step_scale is not None:
+        given_step = encoder.token_step(rows).reshape(-1)
+    scale = encoder.channel_scale
+    counts, step, _, _ = encode_counts(rows, encoder.step_levels, encoder.min_count, encoder.max_count,
+                                       signed=encoder.min_count < 0, step=given_step, channel_scale=scale)
+    if scale is not None:  # one common step Δ / max m: integer counts n · max m / m
+        top = scale.max()
+        counts = (counts.float() * (top / scale)).to(torch.int8)
+        step = step / top
+    integers, scales = layer.integer_weight
+    out = spike_linear(counts, integers, step.reshape(-1), scales.reshape(-1), layer.bias)
+    return out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+def use_kernels(model: nn.Module) -> dict[str, bool]:
+    """Route every eligible projection of ``model`` through the kernels; ``{name: routed}``."""
+    routed = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SpikingLinear):
+            continue
+        routed[name] = kernel_eligible(layer)
+        if routed[name]:
+            integers, scales = layer.integer_weight
+            device = layer.weight.device
+            layer.integer_weight = (integers.to(device=device, dtype=torch.int8).contiguous(), scales.to(device))
+            layer.kernel_forward = _kernel_forward
+    return routed
