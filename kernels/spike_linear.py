@@ -34,7 +34,24 @@ def spike_linear_reference(spikes: Tensor, weight: Tensor, step: Tensor, weight_
 
 
 @triton.jit
-def _spike_linear_kernel(s_ptr, w_ptr, tw_ptr, step_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, T,
+def _weight_tile(w_ptr, rk, rn, K, N, packed_cols, PER_BYTE: tl.constexpr, SIGNED_NIBBLE: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` int8 weights, unpacked in registers from the packed rows."""
+    w_mask = (rk[:, None] < K) & (rn[None, :] < N)
+    if PER_BYTE == 1:
+        return tl.load(w_ptr + rn[None, :] * packed_cols + rk[:, None], mask=w_mask, other=0)
+    BITS: tl.constexpr = 8 // PER_BYTE
+    byte = tl.load(w_ptr + rn[None, :] * packed_cols + rk[:, None] // PER_BYTE, mask=w_mask, other=0).to(tl.int32)
+    field = (byte >> ((rk[:, None] % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+    if SIGNED_NIBBLE:
+        value = tl.where(field >= 8, field - 16, field)
+    else:
+        value = field - 1
+    return tl.where(w_mask, value, 0).to(tl.int8)
+
+
+@triton.jit
+def _spike_linear_kernel(s_ptr, w_ptr, tw_ptr, step_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, T, packed_cols,
+                         PER_BYTE: tl.constexpr, SIGNED_NIBBLE: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -49,8 +66,7 @@ def _spike_linear_kernel(s_ptr, w_ptr, tw_ptr, step_ptr, ws_ptr, b_ptr, out_ptr,
             s_mask = (rm[:, None] < M) & (rk[None, :] < K)
             s = tl.load(s_ptr + t * M * K + rm[:, None] * K + rk[None, :], mask=s_mask, other=0)
             if tl.max(tl.max(tl.abs(s.to(tl.int32)), axis=1), axis=0) != 0:  # event-driven: skip silent tiles
-                w_mask = (rk[:, None] < K) & (rn[None, :] < N)
-                w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=w_mask, other=0)
+                w = _weight_tile(w_ptr, rk, rn, K, N, packed_cols, PER_BYTE, SIGNED_NIBBLE)
                 acc += tl.dot(s, w, out_dtype=tl.int32) * time_weight
     step = tl.load(step_ptr + rm, mask=rm < M, other=0.0)
     scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
@@ -61,26 +77,35 @@ def _spike_linear_kernel(s_ptr, w_ptr, tw_ptr, step_ptr, ws_ptr, b_ptr, out_ptr,
 
 
 def spike_linear(spikes: Tensor, weight: Tensor, step: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
-                 time_weights: Tensor | None = None, block_m: int = 16, block_n: int = 64,
-                 block_k: int = 64) -> Tensor:
+                 time_weights: Tensor | None = None, weight_format: str = "int8", block_m: int = 16,
+                 block_n: int = 64, block_k: int = 64) -> Tensor:
     """The spike-driven linear as a Triton kernel (see the module docstring).
 
     Args:
         spikes: int8 counts ``[M, K]`` or an int8 train ``[T, M, K]`` (values in [-127, 127]).
-        weight: int8 integer weights ``[N, K]`` (unpacked with :func:`~spikellm.kernels.unpack_weights`).
+        weight: integer weights ``[N, K]`` as int8 (``weight_format="int8"``), or packed by
+            :func:`~spikellm.kernels.pack_weights` (``"int4"``, ``"ternary"``; uint8 ``[N, ⌈K/per byte⌉]``),
+            unpacked tile by tile in registers: the packed bytes are all that is read from memory.
         step: ``[M]`` per-token step Δ; weight_scale: ``[N]`` per-output-channel scale.
         bias: optional ``[N]``; time_weights: int ``[T]`` for a train (default all ones).
 
     Returns:
         ``[M, N]`` fp32, equal to :func:`spike_linear_reference`.
     """
+    from spikellm.kernels.packing import FORMATS, packed_width
+
     train = spikes if spikes.dim() == 3 else spikes.unsqueeze(0)
-    if train.dtype != torch.int8 or weight.dtype != torch.int8:
-        raise TypeError(f"spike_linear takes int8 spikes and weights, got {train.dtype} and {weight.dtype}")
+    if weight_format not in FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}; one of {', '.join(FORMATS)}")
+    expected = torch.int8 if weight_format == "int8" else torch.uint8
+    if train.dtype != torch.int8 or weight.dtype != expected:
+        raise TypeError(f"spike_linear takes int8 spikes and {expected} {weight_format} weights, "
+                        f"got {train.dtype} and {weight.dtype}")
     steps, m, k = train.shape
     n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"spikes have {k} channels but the weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if weight.shape[1] != packed_width(k, weight_format):
+        raise ValueError(f"spikes have {k} channels but the {weight_format} weight {tuple(weight.shape)} "
+                         f"holds {weight.shape[1]} bytes per row, not {packed_width(k, weight_format)}")
     tw = (torch.ones(steps) if time_weights is None else time_weights).to(device=train.device, dtype=torch.int32)
     out = torch.empty(m, n, dtype=torch.float32, device=train.device)
     step = step.reshape(-1).float().contiguous()
@@ -88,6 +113,7 @@ def spike_linear(spikes: Tensor, weight: Tensor, step: Tensor, weight_scale: Ten
     bias_arg = bias.float().contiguous() if bias is not None else weight_scale
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _spike_linear_kernel[grid](train.contiguous(), weight.contiguous(), tw, step, weight_scale, bias_arg, out,
-                               m, n, k, steps, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                               BLOCK_K=block_k)
+                               m, n, k, steps, weight.shape[1], PER_BYTE=FORMATS[weight_format],
+                               SIGNED_NIBBLE=weight_format == "int4", HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -191,7 +191,8 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
                             f"{tuple(scales.shape)}, not those of a {layer.out_features}×{layer.in_features} layer")
         tensors[f"{name}.weight"] = dequantize(integers, scales)
         tensors[f"{name}.rotation_folded"] = torch.tensor(True)  # the weight is stored rotated
-        layer.integer_weight = (integers, scales)  # what the kernel path multiplies
+        layer.integer_weight = (integers, scales)  # the integers and their scales
+        layer.packed_weight = (packed, info["weight_format"])  # what the kernel path reads
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     missing = [key for key in missing if key not in tied]

@@ -2,7 +2,8 @@
 
 :func:`use_kernels` gives every eligible :class:`SpikingLinear` of a model a ``kernel_forward``:
 the fused encoder turns its input into int8 counts and a per-token step, and the spike-driven
-linear kernel sums ``counts × integer weights`` exactly (int32) and applies the two scales. A
+linear kernel sums ``counts × integer weights`` exactly (int32), reading the packed int4 /
+ternary / int8 weights and unpacking them in registers, and applies the two scales. A
 channel given ``m`` times the steps (Optimal Brain Spiking) has its counts brought to the common
 step ``Δ / max m`` (``n · max m / m``, still an integer), so one per-token step remains.
 
@@ -49,8 +50,9 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
         top = scale.max()
         counts = (counts.float() * (top / scale)).to(torch.int8)
         step = step / top
-    integers, scales = layer.integer_weight
-    out = spike_linear(counts, integers, step.reshape(-1), scales.reshape(-1), layer.bias)
+    _, scales = layer.integer_weight
+    packed, fmt = layer.packed_weight
+    out = spike_linear(counts, packed, step.reshape(-1), scales.reshape(-1), layer.bias, weight_format=fmt)
     return out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 
@@ -62,8 +64,12 @@ def use_kernels(model: nn.Module) -> dict[str, bool]:
             continue
         routed[name] = kernel_eligible(layer)
         if routed[name]:
+            from spikellm.kernels.packing import pack_weights
+
             integers, scales = layer.integer_weight
             device = layer.weight.device
-            layer.integer_weight = (integers.to(device=device, dtype=torch.int8).contiguous(), scales.to(device))
+            layer.integer_weight = (integers.to(device=device, dtype=torch.int8), scales.to(device))
+            packed, fmt = getattr(layer, "packed_weight", None) or (pack_weights(integers, "int8"), "int8")
+            layer.packed_weight = (packed.to(device).contiguous(), fmt)
             layer.kernel_forward = _kernel_forward
     return routed
