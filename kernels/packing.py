@@ -36,11 +36,12 @@ def pack_weights(q: Tensor, fmt: str) -> Tensor:
     """``q [N, K]`` integer-valued (any dtype) → ``[N, packed_width(K)]`` uint8 (int8 for int8)."""
     per_byte = _check(fmt)
     low, high = RANGES[fmt]
-    q = q.to(torch.int16)
     if q.dim() != 2:
         raise ValueError(f"pack_weights takes a 2-D [out, in] matrix, got shape {tuple(q.shape)}")
-    if q.numel() and (int(q.min()) < low or int(q.max()) > high):
-        raise ValueError(f"{fmt} weights must lie in [{low}, {high}], got [{int(q.min())}, {int(q.max())}]")
+    # checked before narrowing: a cast to int16 would wrap 65537 into range
+    if q.numel() and (q.min().item() < low or q.max().item() > high):
+        raise ValueError(f"{fmt} weights must lie in [{low}, {high}], got [{q.min().item()}, {q.max().item()}]")
+    q = q.to(torch.int16)
     if fmt == "int8":
         return q.to(torch.int8).contiguous()
     n, k = q.shape

@@ -47,17 +47,19 @@ def _encode_kernel(x_ptr, step_ptr, scale_ptr, counts_ptr, mass_ptr, nonzero_ptr
             magnitude = tl.abs(x)
         else:
             magnitude = tl.maximum(x, 0.0)
-        step = tl.maximum(tl.max(magnitude, axis=0), 1e-8) / levels
+        # tl.div_rn, not `/`: on CUDA `/` is div.full.f32 (up to 2 ulp), and a count that sits on a
+        # rounding boundary would then differ from the PyTorch reference
+        step = tl.div_rn(tl.maximum(tl.max(magnitude, axis=0), 1e-8), levels)
         tl.store(step_ptr + row, step)
     lo = tl.zeros([BLOCK], dtype=tl.float32) + low
     hi = tl.zeros([BLOCK], dtype=tl.float32) + high
     element_step = tl.zeros([BLOCK], dtype=tl.float32) + step
     if HAS_SCALE:
         scale = tl.load(scale_ptr + cols, mask=inside, other=1.0)
-        element_step = element_step / scale
+        element_step = tl.div_rn(element_step, scale)
         lo = lo * scale
         hi = hi * scale
-    scaled = x / element_step
+    scaled = tl.div_rn(x, element_step)
     whole = tl.floor(scaled)
     counts = whole + ((scaled - whole) >= 0.5).to(tl.float32)
     counts = tl.minimum(tl.maximum(counts, lo), hi)

@@ -128,6 +128,8 @@ def read_config(directory) -> dict:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is incomplete") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path} holds a JSON {type(config).__name__}, not an object; it is not a spikellm spiking checkpoint")
     if config.get("format") != FORMAT:
         raise DataError(f"{path} is not a spikellm spiking checkpoint (format {config.get('format')!r})")
     if config.get("version") != VERSION:
@@ -170,15 +172,20 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
                         "it is truncated or corrupt") from None
     neuron = config.get("neuron")
     encoder, _ = build_neuron(neuron)
-    options = neuron or {}
+    # the per-layer record is what the weights were written under; the neuron block may have been edited
+    rotations = {bool(info.get("rotate", False)) for info in config["layers"].values()}
+    rotate = rotations.pop() if len(rotations) == 1 else bool((neuron or {}).get("rotate", False))
     model = build(config["model"], "model").build(encoder, None, attention_encoder=build_attention_encoder(neuron),
-                                                  rotate=bool(options.get("rotate", False)))
+                                                  rotate=rotate)
     modules = dict(model.named_modules())
     for name, info in config["layers"].items():
         layer = modules.get(name)
         if not isinstance(layer, SpikingLinear) or (layer.in_features, layer.out_features) != (
                 info["in_features"], info["out_features"]):
             raise DataError(f"{directory}: layer {name!r} of config.json does not match the model it describes")
+        if bool(layer.rotate) != bool(info.get("rotate", False)):
+            raise DataError(f"{directory}: layer {name!r} is recorded with rotate={info.get('rotate')} but the model "
+                            "rotates its layers uniformly; mixed rotation is not a format this spikellm reads")
         if info["weight_format"] == "float":
             continue
         try:
@@ -186,14 +193,20 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         except KeyError as missing:
             raise DataError(f"{weights} lacks the tensor {missing.args[0]!r}") from None
         integers = unpack_weights_reference(packed, layer.in_features, info["weight_format"])
-        if integers.shape != (layer.out_features, layer.in_features) or scales.shape[0] != layer.out_features:
+        if (integers.shape != (layer.out_features, layer.in_features) or scales.dim() != 2
+                or scales.shape[0] != layer.out_features or not scales.shape[1]
+                or layer.in_features % scales.shape[1]):
             raise DataError(f"{weights}: {name} has packed weights {tuple(packed.shape)} and scales "
                             f"{tuple(scales.shape)}, not those of a {layer.out_features}×{layer.in_features} layer")
         tensors[f"{name}.weight"] = dequantize(integers, scales)
         tensors[f"{name}.rotation_folded"] = torch.tensor(True)  # the weight is stored rotated
         layer.integer_weight = (integers, scales)  # the integers and their scales
         layer.packed_weight = (packed, info["weight_format"])  # what the kernel path reads
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a shape mismatch: config.json describes another model than the weights
+        detail = " ".join(str(error).split())[:300]
+        raise DataError(f"{weights} does not match config.json: {detail}") from None
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     missing = [key for key in missing if key not in tied]
     if missing or unexpected:
