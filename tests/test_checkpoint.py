@@ -23,6 +23,7 @@ from spikellm.errors import ConfigError, DataError
 from spikellm.kernels import packed_width
 from spikellm.models import LlamaConfig
 from spikellm.nn.hadamard import hadamard_transform
+from spikellm.neurons.stats import spike_report, track_spikes
 from spikellm.nn.kernel_linear import kernel_eligible, use_kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,9 +226,14 @@ def test_round_trip(tmp_path, tokenizer, case, monkeypatch):
             packed, fmt = layer.packed_weight
             assert fmt == saved["layers"][name]["weight_format"]
             assert torch.equal(packed, tensors[f"{name}.qweight"])
+    track_spikes(kernel_model)
+    track_spikes(loaded)
     with torch.no_grad():
         got = kernel_model(ids)
+        loaded(ids)
     assert len(calls) == sum(expected_routes.values())
+    # the kernel path keeps the firing statistics the energy report reads, equal to the float path's
+    assert spike_report(kernel_model) == spike_report(loaded)
     if not any(expected_routes.values()):
         assert torch.equal(got, expected)
     else:

@@ -46,6 +46,8 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
     scale = encoder.channel_scale
     counts, step, _, _ = encode_counts(rows, encoder.step_levels, encoder.min_count, encoder.max_count,
                                        signed=encoder.min_count < 0, step=given_step, channel_scale=scale)
+    if encoder.stats is not None:  # the energy report counts the kernel's spikes as the float path's
+        encoder.stats.update(encoder, counts.float().reshape(*x.shape[:-1], layer.in_features))
     if scale is not None:  # one common step Δ / max m: integer counts n · max m / m
         top = scale.max()
         counts = (counts.float() * (top / scale)).to(torch.int8)
