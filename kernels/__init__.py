@@ -2,7 +2,8 @@
 
 - :mod:`~spikellm.kernels.packing`: int4 / ternary / int8 weight packing, Triton unpacking;
 - :mod:`~spikellm.kernels.spike_encode`: the fused encoder (counts, step, statistics in one pass);
-- :mod:`~spikellm.kernels.spike_linear`: the spike-driven, event-driven integer linear layer.
+- :mod:`~spikellm.kernels.spike_linear`: the spike-driven, event-driven integer linear layer;
+- :mod:`~spikellm.kernels.recurrence`: the MatMul-free LM's gated linear recurrence, float and fixed point.
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``, set before the first import); :func:`kernels_usable` says which.
@@ -13,6 +14,9 @@ import torch
 
 from spikellm.kernels.packing import pack_weights, packed_width, unpack_weights, unpack_weights_reference
 from spikellm.kernels.spike_encode import encode_counts, encode_counts_reference
+# not the dispatcher ``recurrence``: that name would hide the submodule spikellm.kernels.recurrence
+from spikellm.kernels.recurrence import (fixed_point_recurrence, fixed_point_recurrence_reference, linear_recurrence,
+                                         linear_recurrence_reference)
 from spikellm.kernels.spike_linear import spike_linear, spike_linear_reference
 
 
@@ -22,4 +26,6 @@ def kernels_usable(device: torch.device | str) -> bool:
 
 
 __all__ = ["pack_weights", "packed_width", "unpack_weights", "unpack_weights_reference", "encode_counts",
-           "encode_counts_reference", "spike_linear", "spike_linear_reference", "kernels_usable"]
+           "encode_counts_reference", "spike_linear", "spike_linear_reference", "linear_recurrence",
+           "linear_recurrence_reference", "fixed_point_recurrence", "fixed_point_recurrence_reference",
+           "kernels_usable"]

@@ -68,8 +68,11 @@ def dequantize(integers: Tensor, scales: Tensor) -> Tensor:
 
 @torch.no_grad()
 def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dict | None, tokenizer,
-                            card: dict | None = None, cost_model: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (a :class:`~spikellm.models.llama.SpikingLlama`) as a spiking checkpoint."""
+                            card: dict | None = None, cost_model: str | None = None, overwrite: bool = False,
+                            thresholds: dict[str, float] | None = None) -> Path:
+    """Write ``model`` (a :class:`~spikellm.models.llama.SpikingLlama` or a
+    :class:`~spikellm.models.matmulfree.MatMulFreeLM`) as a spiking checkpoint; ``thresholds``:
+    activation-sparsity thresholds (:mod:`spikellm.sparsity`) by layer name, reinstalled on load."""
     from safetensors.torch import save_file
 
     from spikellm.kernels.packing import pack_weights
@@ -97,7 +100,7 @@ def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dic
         seen[value.data_ptr()] = key
         tensors[key] = value.detach().contiguous().clone()
     config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
-              "cost_model": cost_model, "card": card or {}}
+              "cost_model": cost_model, "card": card or {}, "thresholds": dict(thresholds or {})}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -111,11 +114,15 @@ def model_card(config: dict) -> str:
     card = config.get("card") or {}
     formats = sorted({layer["weight_format"] for layer in config["layers"].values()})
     encoders = sorted({str(layer["encoder"]) for layer in config["layers"].values()})
-    lines = ["# Spiking LLaMA (spikellm checkpoint)", "",
+    architecture = config["model"].get("_target_", "").rsplit(".", 1)[-1].removesuffix("Config") or "model"
+    lines = [f"# Spiking {architecture} (spikellm checkpoint)", "",
              f"- architecture: `{json.dumps({k: v for k, v in config['model'].items() if k != '_target_'})}`",
              f"- projection inputs: {', '.join(f'`{e}`' for e in encoders)}",
              f"- projection weights: {', '.join(formats)}",
-             f"- cost model of the energy figures: {config.get('cost_model')}", "", "## Measured", ""]
+             f"- cost model of the energy figures: {config.get('cost_model')}"]
+    if config.get("thresholds"):
+        lines.append(f"- activation-sparsity thresholds on {len(config['thresholds'])} projection inputs")
+    lines += ["", "## Measured", ""]
     lines += [f"- {key}: {value}" for key, value in card.items()] or ["- (no figures were recorded)"]
     lines += ["", "Load with `spikellm.checkpoint.load_spiking_checkpoint(<dir>)` or evaluate with "
                   "`python eval.py ckpt=<dir>`.", ""]
@@ -211,6 +218,14 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     missing = [key for key in missing if key not in tied]
     if missing or unexpected:
         raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.get("thresholds"):
+        from spikellm.sparsity import install_thresholds
+
+        try:
+            install_thresholds(model, config["thresholds"], names=list(config["thresholds"]))
+        except (ConfigError, AttributeError) as error:
+            raise DataError(f"{directory}/config.json: its activation thresholds name layers the model "
+                            f"does not have ({error})") from None
     model.to(device).eval()
     if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
         from spikellm.nn.kernel_linear import use_kernels
@@ -218,3 +233,8 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         use_kernels(model)
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(directory))
     return model, tokenizer, config
+
+
+def load_spiking_model(checkpoint: str | Path) -> torch.nn.Module:
+    """The model of a spiking checkpoint alone (torch backend): ``model=native`` of train.py's conversion."""
+    return load_spiking_checkpoint(checkpoint, backend="torch")[0]

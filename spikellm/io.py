@@ -38,3 +38,16 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_json(path, data) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
+    kill) never sees half a file."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(f.name, path)
+    return path

@@ -5,11 +5,15 @@ integer spike counts, ``ACs = Σ_t nnz(s_t) × fan_out``, where the number of no
 activation is the encoder's closed form of its count (``spikes_per_count``; a multi-level GIF spike
 is one event). Counted:
 
-* every projection: MACs ``tokens × in × out`` without an encoder, else ACs ``spikes × out`` (and
-  the sparse outlier stream, one MAC per output per outlier event);
+* every projection: without an encoder, MACs ``nnz(x) × out`` (an input of exactly zero, as
+  activation sparsity makes them, multiplies nothing on an event-driven core; ``dense_macs`` keeps
+  ``tokens × in × out``), else ACs ``spikes × out`` (and the sparse outlier stream, one MAC per
+  output per outlier event);
 * attention products, causal: token ``i`` attends to ``j <= i``, so ``Q·Kᵀ`` and ``P·V`` each cost
   ``Σ_i (i + 1) × head_dim`` MACs per query head; with spiking K (V), each spike of key (value)
   ``j`` adds one entry for each of the ``T - j`` queries and each query head of its group;
+* the MatMul-free LM's recurrence ``h_t = f_t ⊙ h_{t-1} + (1 - f_t) ⊙ c_t``: two MACs per channel
+  and token (kind ``recurrence``), the work that replaces the attention products;
 * the lm_head, ``tokens × dim × vocab`` MACs.
 
 Embeddings, norms, softmax and SiLU stay floating point and are not counted (DESIGN.md §4, §6).
@@ -35,6 +39,7 @@ class OperationCounter:
 
     def __init__(self, model: nn.Module):
         from spikellm.models.llama import Attention
+        from spikellm.models.matmulfree import MLGRU
 
         self.model = model
         self.ops: dict[str, LayerOps] = {}
@@ -50,14 +55,18 @@ class OperationCounter:
                 self._handles.append(module.register_forward_hook(self._attention_hook(name, module)))
                 for encoder in (module.encoder or {}).values():
                     self._handles.append(encoder.register_forward_hook(self._attention_encoder_hook(name, module)))
+            elif isinstance(module, MLGRU):
+                self._handles.append(module.register_forward_hook(self._recurrence_hook(name)))
             elif isinstance(module, nn.Linear) and name.endswith("lm_head"):
                 self._handles.append(module.register_forward_hook(self._head_hook(name)))
         if not self._handles:
             raise ValueError("the model has no SpikingLinear, attention or lm_head to count")
-        self._handles.append(model.register_forward_pre_hook(self._count_tokens))
+        self._handles.append(model.register_forward_pre_hook(self._count_tokens, with_kwargs=True))
 
-    def _count_tokens(self, model, inputs):
-        x = inputs[0]  # input_ids [B, T] of a language model, or the activations of a bare layer
+    def _count_tokens(self, model, inputs, kwargs):
+        # input_ids [B, T] of a language model (positional, or by keyword for a Hugging Face one),
+        # or the activations of a bare layer
+        x = inputs[0] if inputs else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         shape = x.shape if not x.is_floating_point() else x.shape[:-1]
         self.tokens += shape.numel()
         self.sequences += shape[0] if len(shape) > 1 else 1
@@ -86,7 +95,7 @@ class OperationCounter:
             ops = self._layer(name, "projection")
             ops.dense_macs += tokens * layer.in_features * layer.out_features
             if layer.encoder is None:
-                ops.macs += tokens * layer.in_features * layer.out_features
+                ops.macs += (x != 0).sum().item() * layer.out_features
                 return
             encoder = layer.encoder
             seen = hadamard_transform(x) if layer.rotate else x
@@ -127,6 +136,14 @@ class OperationCounter:
             ops.steps = max(ops.steps, encoder.num_steps)
         return hook
 
+    def _recurrence_hook(self, name: str):
+        def hook(module, inputs, output):
+            macs = 2 * (inputs[0].numel() // module.dim) * module.dim  # f·h and (1 - f)·c per channel
+            ops = self._layer(f"{name}.recurrence", "recurrence")
+            ops.macs += macs
+            ops.dense_macs += macs
+        return hook
+
     def _head_hook(self, name: str):
         def hook(layer: nn.Linear, inputs, output):
             tokens = inputs[0].numel() // layer.in_features
@@ -136,6 +153,7 @@ class OperationCounter:
         return hook
 
     def report(self, cost: CostModel) -> EnergyReport:
-        layers = sorted(self.ops.values(), key=lambda ops: self._order[ops.name.removesuffix(".products")])
+        layers = sorted(self.ops.values(),
+                        key=lambda ops: self._order[ops.name.removesuffix(".products").removesuffix(".recurrence")])
         return EnergyReport(cost=cost, tokens=self.tokens, sequences=self.sequences, layers=layers)
 

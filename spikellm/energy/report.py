@@ -1,7 +1,6 @@
 """Operation counts per layer and what they cost: the common result of the counter and the estimator."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ class LayerOps:
     """
 
     name: str
-    kind: str  # projection | attention | lm_head
+    kind: str  # projection | attention | recurrence | lm_head
     macs: float = 0.0
     acs: float = 0.0
     dense_macs: float = 0.0
@@ -92,15 +91,9 @@ class EnergyReport:
 
     def save_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` atomically (a kill never leaves half a report)."""
-        import os
-        import tempfile
+        from spikellm.io import atomic_write_json
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(f.name, path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     def rich_table(self, title: str = "energy"):
         """Per-layer table (projections grouped by kind) with the totals as the last rows."""

@@ -1,9 +1,6 @@
 """eval.py's job: load, measure perplexity and zero-shot accuracy, count energy, write results.json."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spikellm.config import build
+from spikellm.io import atomic_write_json
 
 
 def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
@@ -24,6 +22,10 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     cost = build(cfg.energy, "energy")
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
     model = loaded.model
+    if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)
+        from spikellm.models.matmulfree import set_hardware_mode
+
+        set_hardware_mode(model, build(cfg.hardware, "hardware"))
     exported = None
     if cfg.get("export_hf"):
         from spikellm.models.hf import save_hf_llama
@@ -54,7 +56,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     if cfg.get("export"):
         results["files_pending_export"] = _export_spiking(loaded, results, cfg)
     path = Path(cfg.results)
-    _write_json(path, results)
+    atomic_write_json(path, results)  # a reader never sees half a results file
     if report is not None:
         report.save_figure(path.parent / "energy.png")
     results["files"] = {"results": str(path), "energy_figure": str(path.parent / "energy.png") if report else None}
@@ -82,13 +84,6 @@ def _export_spiking(loaded, results: dict, cfg) -> str:
     return str(save_spiking_checkpoint(loaded.model, cfg.export, model_config=loaded.config["model"],
                                        neuron=loaded.config.get("neuron"), tokenizer=loaded.tokenizer, card=card,
                                        cost_model=cfg.energy.get("name")))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(f.name, path)  # atomic: a reader never sees half a results file
 
 
 def print_results(results: dict, report) -> None:

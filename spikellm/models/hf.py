@@ -72,7 +72,7 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 def max_positions(config) -> int | None:
     """The longest sequence a HF config's position embeddings allow (None: unbounded, e.g. RWKV)."""
-    for name in ("max_position_embeddings", "context_length"):
+    for name in ("max_position_embeddings", "context_length", "max_seq_len"):  # the last: our own models
         if getattr(config, name, None):
             return int(getattr(config, name))
     return None

@@ -3,7 +3,12 @@
 Order: validate the config and build every stage (cheap failures first), load the data group with
 the model's own tokenizer, load the model from its local directory, measure its validation
 perplexity, spikify it with the ``neuron`` group, run the ``convert.stages`` in order, measure
-again, and save the result where eval.py loads it (``<output_dir>/spiking_model``).
+again (counting the operations of both measurements on the ``energy`` cost model), and save the
+result where eval.py loads it (``<output_dir>/spiking_model``).
+
+``model=native model.checkpoint=<dir>`` runs the stages on a model trained here instead (a
+spiking checkpoint, e.g. ``<run>/spiking_checkpoint``): it keeps its own encoders, and the result
+is a spiking checkpoint again, with the stages' activation thresholds in it.
 """
 from __future__ import annotations
 
@@ -38,25 +43,52 @@ class ConversionResult:
     final_ppl: float
     stages: dict = field(default_factory=dict)
     seconds: float = 0.0
+    energy_before: object | None = None  # EnergyReports of the validation tokens, spikified and converted
+    energy_after: object | None = None
+    native: bool = False  # a model trained here (model=native): no floating-point source to compare
 
 
 @torch.no_grad()
-def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None) -> float:
-    """Token-weighted perplexity over the data group's validation blocks (what train.py reports)."""
+def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None, cost=None):
+    """Token-weighted perplexity over the data group's validation blocks (what train.py reports);
+    with a ``cost`` model, ``(perplexity, EnergyReport of those tokens)``."""
+    from spikellm.energy import OperationCounter
+
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
-    for index, (inputs, targets) in enumerate(datamodule.val_dataloader()):
-        if max_batches is not None and index >= max_batches:
-            break
-        logits = causal_lm_logits(model, inputs.to(device))
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum"))
-        tokens += targets.numel()
-    return math.exp(total / tokens)
+    counter = OperationCounter(model) if cost is not None else None
+    try:
+        for index, (inputs, targets) in enumerate(datamodule.val_dataloader()):
+            if max_batches is not None and index >= max_batches:
+                break
+            logits = causal_lm_logits(model, inputs.to(device))
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum"))
+            tokens += targets.numel()
+    finally:
+        if counter is not None:
+            counter.remove()
+    ppl = math.exp(total / tokens)
+    return ppl if cost is None else (ppl, counter.report(cost))
+
+
+def is_native(cfg: DictConfig) -> bool:
+    """Whether the model to convert is one trained here (``model=native``), not a Hugging Face one."""
+    return "checkpoint" in cfg.model.keys()
 
 
 def check_conversion_config(cfg: DictConfig) -> dict:
     """Everything checkable before loading data or weights; returns the built stages by name."""
-    hf_config(cfg.model.get("hf_path"))  # the directory and its architecture, from config.json alone
+    if is_native(cfg):
+        from spikellm.checkpoint import read_config
+
+        read_config(cfg.model.get("checkpoint"))  # a spiking checkpoint, readable
+        if cfg.neuron is not None and (cfg.neuron.get("encoder") is not None
+                                       or cfg.neuron.get("weight_quantizer") is not None):
+            raise ConfigError("neuron", cfg.neuron.get("name"), "a model trained here keeps the encoders it was "
+                                                                "trained with; use neuron=none with model=native")
+    else:
+        hf_config(cfg.model.get("hf_path"))  # the directory and its architecture, from config.json alone
+    build(cfg.energy, "energy")
     build_neuron(cfg.neuron)
     if cfg.neuron is not None and cfg.neuron.get("attention") is not None:
         raise ConfigError("neuron.attention", "set", "spiking attention products run on the native SpikingLlama; "
@@ -81,14 +113,16 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = check_conversion_config(cfg)
-    hf_path = str(check_hf_dir(cfg.model.hf_path))
+    native = is_native(cfg)
+    source = str(cfg.model.checkpoint) if native else str(check_hf_dir(cfg.model.hf_path))
+    cost = build(cfg.energy, "energy")
     output_dir = Path(cfg.paths.output_dir)
     model_dir = output_dir / "spiking_model"
     if model_dir.exists():
         raise ConfigError("paths.output_dir", str(output_dir), "already holds a spiking_model; choose another "
                                                                "output directory (nothing is overwritten)")
     # the model's own tokenizer, always: token ids must mean what its embedding learned
-    datamodule = build(cfg.data, "data", tokenizer_path=hf_path)
+    datamodule = build(cfg.data, "data", tokenizer_path=source)
     datamodule.setup("fit")
     model = build(cfg.model, "model")
     positions = max_positions(model.config)
@@ -97,13 +131,17 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
         if positions is not None and length > positions:
             raise ConfigError(key, length, f"exceeds the model's {positions} positions; lower it")
     eval_batches = cfg.convert.get("eval_batches")
-    fp_ppl = validation_ppl(model, datamodule, eval_batches)
-    log.info("floating point: validation ppl %.3f", fp_ppl)
     teacher = copy.deepcopy(model) if any(getattr(s, "needs_teacher", False) for s in stages.values()) else None
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.neuron is not None else None
-    spikify_from_config(model, neuron)
-    spiking_ppl = validation_ppl(model, datamodule, eval_batches)
-    log.info("spikified (%s): validation ppl %.3f", (neuron or {}).get("name"), spiking_ppl)
+    if native:  # already spiking: the starting point is the model as trained
+        spiking_ppl, energy_before = validation_ppl(model, datamodule, eval_batches, cost)
+        fp_ppl = spiking_ppl
+    else:
+        fp_ppl = validation_ppl(model, datamodule, eval_batches)
+        log.info("floating point: validation ppl %.3f", fp_ppl)
+        spikify_from_config(model, neuron)
+        spiking_ppl, energy_before = validation_ppl(model, datamodule, eval_batches, cost)
+        log.info("spikified (%s): validation ppl %.3f", (neuron or {}).get("name"), spiking_ppl)
     calibration = calibration_samples(datamodule.train_tokens, **OmegaConf.to_container(cfg.convert.calibration,
                                                                                          resolve=True))
     ctx = ConversionContext(model, calibration, datamodule, teacher, cfg, output_dir)
@@ -111,19 +149,42 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
     for name, stage in stages.items():
         began = time.perf_counter()
         summaries[name] = {**stage(ctx), "seconds": round(time.perf_counter() - began, 2)}
-    final_ppl = validation_ppl(model, datamodule, eval_batches)
+    final_ppl, energy_after = validation_ppl(model, datamodule, eval_batches, cost)
     log.info("converted: validation ppl %.3f", final_ppl)
+    metrics = {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl,
+               "energy_per_token_before_J": energy_before.per_token(energy_before.joules),
+               "energy_per_token_after_J": energy_after.per_token(energy_after.joules), "cost_model": cost.name}
+    _write_energy(output_dir, energy_before, energy_after)
+    if native:
+        from spikellm.checkpoint import read_config, save_spiking_checkpoint
+
+        written = read_config(source)
+        card = {**{key: (round(v, 6) if isinstance(v, float) else v) for key, v in metrics.items()},
+                "converted from": source, "stages": ", ".join(summaries) or "none"}
+        save_spiking_checkpoint(model, model_dir, model_config=written["model"], neuron=written["neuron"],
+                                tokenizer=datamodule.tokenizer, card=card, cost_model=cost.name,
+                                thresholds=ctx.thresholds)
+        return ConversionResult(output_dir, model_dir, source, fp_ppl, spiking_ppl, final_ppl, summaries,
+                                time.perf_counter() - start, energy_before, energy_after, native=True)
     from spikellm.nn.spiking_linear import SpikingLinear
 
     folded = all(m.weight_quantizer is None for m in model.modules() if isinstance(m, SpikingLinear))
     saved_neuron = dict(neuron or {}, weight_quantizer=None) if folded else neuron
-    record = {"source": hf_path, "neuron": saved_neuron, "thresholds": ctx.thresholds, "stages": summaries,
-              "metrics": {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl},
+    record = {"source": source, "neuron": saved_neuron, "thresholds": ctx.thresholds, "stages": summaries,
+              "metrics": metrics,
               "calibration": OmegaConf.to_container(cfg.convert.calibration, resolve=True),
               "task_name": cfg.get("task_name")}
     save_converted(model, datamodule.tokenizer, model_dir, record)
-    return ConversionResult(output_dir, model_dir, hf_path, fp_ppl, spiking_ppl, final_ppl, summaries,
-                            time.perf_counter() - start)
+    return ConversionResult(output_dir, model_dir, source, fp_ppl, spiking_ppl, final_ppl, summaries,
+                            time.perf_counter() - start, energy_before, energy_after)
+
+
+def _write_energy(output_dir: Path, before, after) -> None:
+    """``energy.json``: the per-layer operations and energy of the validation tokens, before the
+    stages and after (what activation sparsity saves shows here)."""
+    from spikellm.io import atomic_write_json
+
+    atomic_write_json(output_dir / "energy.json", {"before": before.to_dict(), "after": after.to_dict()})
 
 
 def print_conversion(result: ConversionResult) -> None:
@@ -134,9 +195,19 @@ def print_conversion(result: ConversionResult) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("source", result.source)
-    table.add_row("val ppl, floating point", f"{result.fp_ppl:,.3f}")
-    table.add_row("val ppl, spikified", f"{result.spiking_ppl:,.3f}")
+    if result.native:
+        table.add_row("val ppl, as trained", f"{result.spiking_ppl:,.3f}")
+    else:
+        table.add_row("val ppl, floating point", f"{result.fp_ppl:,.3f}")
+        table.add_row("val ppl, spikified", f"{result.spiking_ppl:,.3f}")
     table.add_row("val ppl, converted", f"{result.final_ppl:,.3f}")
+    if result.energy_before is not None and result.energy_after is not None:
+        from spikellm.energy.report import joules_text
+
+        before, after = result.energy_before, result.energy_after
+        table.add_row(f"energy / token ({after.cost.name})",
+                      f"{joules_text(before.per_token(before.joules))} → {joules_text(after.per_token(after.joules))} "
+                      f"({after.joules / before.joules:.3f}×; {after.ratio_to_dense:.3f}× dense)")
     for name, summary in result.stages.items():
         shown = ", ".join(f"{k}={_short(v)}" for k, v in summary.items() if not isinstance(v, list))
         table.add_row(f"stage {name}", shown)

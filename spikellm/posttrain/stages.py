@@ -115,7 +115,8 @@ class Sparsify:
         from spikellm.sparsity import calibrate_thresholds, calibration_loss, sparsity_report
 
         batches = ctx.batches(self.samples, self.batch_size)
-        names = projection_names(ctx.model)
+        # a model of our own names its projections; a Hugging Face one by its architecture's layout
+        names = list(ctx.model.spiking_linears()) if hasattr(ctx.model, "spiking_linears") else projection_names(ctx.model)
         dense_loss = calibration_loss(ctx.model, batches)
         chosen = calibrate_thresholds(ctx.model, batches, keep=self.keep, tolerance=self.tolerance, names=names)
         report = sparsity_report(ctx.model)

@@ -51,13 +51,14 @@ def _check_cross_group(cfg: DictConfig, model_config) -> None:
 
 
 def converts(cfg: DictConfig) -> bool:
-    """Whether this run converts a pretrained model (``model=hf``) rather than training one."""
+    """Whether this run converts a pretrained model (``model=hf`` or ``model=native``) rather than training one."""
     stages = (cfg.get("convert") or {}).get("stages") or {}
-    if "hf_path" in cfg.model.keys():
+    if "hf_path" in cfg.model.keys() or "checkpoint" in cfg.model.keys():
         return True
     if stages:
-        raise ConfigError("model", cfg.model.get("_target_"), "conversion stages need a pretrained model: "
-                                                              "add model=hf model.hf_path=<local HF directory>")
+        raise ConfigError("model", cfg.model.get("_target_"), "conversion stages need a pretrained model: add "
+                                                              "model=hf model.hf_path=<local HF directory>, or "
+                                                              "model=native model.checkpoint=<spiking checkpoint>")
     return False
 
 
