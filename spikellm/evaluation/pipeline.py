@@ -23,8 +23,13 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
     model = loaded.model
     if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)
-        from spikellm.models.matmulfree import set_hardware_mode
+        from spikellm.errors import ConfigError
+        from spikellm.models.matmulfree import MatMulFreeLM, set_hardware_mode
 
+        if not isinstance(model, MatMulFreeLM):
+            raise ConfigError("hardware", cfg.hardware.get("_target_"),
+                              f"the fixed-point form is defined for the MatMul-free LM, and {cfg.ckpt} holds a "
+                              f"{type(model).__name__}; drop hardware=")
         set_hardware_mode(model, build(cfg.hardware, "hardware"))
     exported = None
     if cfg.get("export_hf"):

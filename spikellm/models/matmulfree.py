@@ -59,11 +59,15 @@ class MatMulFreeConfig:
         if self.forget_lower_bound >= 1.0:
             raise ConfigError("forget_lower_bound", self.forget_lower_bound, "must be below 1 (1 freezes the state)")
 
-    def build(self, encoder: EncoderFactory | None = None, weight_quantizer: WeightQuantizerFactory | None = None,
-              unroll: bool = False, attention_encoder=None, rotate: bool = False) -> MatMulFreeLM:
-        if attention_encoder is not None:
+    def check_neuron(self, neuron) -> None:
+        """Refuse a ``neuron`` group this architecture cannot take (called before any data work)."""
+        if neuron is not None and neuron.get("attention") is not None:
             raise ConfigError("neuron.attention", "set", "the MatMul-free LM has no attention products to spike; "
                                                          "use a neuron group without `attention`")
+
+    def build(self, encoder: EncoderFactory | None = None, weight_quantizer: WeightQuantizerFactory | None = None,
+              unroll: bool = False, attention_encoder=None, rotate: bool = False) -> MatMulFreeLM:
+        self.check_neuron(None if attention_encoder is None else {"attention": attention_encoder})
         return MatMulFreeLM(self, encoder, weight_quantizer, unroll, rotate)
 
 
@@ -141,17 +145,22 @@ class MLGRU(nn.Module):
             return recurrence(forget, inputs, state)
         # integers: the gate in [0, 2^F], the input and the state with F fractional bits
         scale = 2.0 ** spec.state_frac_bits
-        forget_q = torch.round(forget.detach() * scale).to(torch.int32)
+        forget_q = _int32(forget.detach() * scale)
         inputs_q = to_fixed(inputs, spec.state_frac_bits)
-        initial = None if state is None else torch.round(state.float() * scale).to(torch.int32)
+        initial = None if state is None else _int32(state.double() * scale)
         integer_scan = fixed_point_recurrence if forget_q.is_cuda else fixed_point_recurrence_reference
-        states_q, final_q = integer_scan(forget_q, torch.round(inputs_q.detach() * scale).to(torch.int32),
+        states_q, final_q = integer_scan(forget_q, _int32(inputs_q.detach().double() * scale),
                                          spec.state_frac_bits, initial)
         states = states_q.float() / scale
         if torch.is_grad_enabled() and inputs.requires_grad:  # float gradients through the integer scan
             reference, _ = recurrence(forget, inputs, None if state is None else state.float())
             states = reference + (states - reference).detach()
         return states, final_q.float() / scale
+
+
+def _int32(x: Tensor) -> Tensor:
+    """Round to integers and saturate to int32, as a fixed-point register does (a cast would wrap)."""
+    return torch.round(x.double()).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
 
 
 class GLU(nn.Module):

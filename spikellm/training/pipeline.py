@@ -67,6 +67,8 @@ def prepare(cfg: DictConfig):
     model_config = build(cfg.model, "model")
     build_neuron(cfg.neuron)  # fails here, before any data work, on a bad encoder parameter
     build_attention_encoder(cfg.neuron)
+    if hasattr(model_config, "check_neuron"):  # an architecture that refuses some neuron groups
+        model_config.check_neuron(cfg.neuron)
     _check_cross_group(cfg, model_config)
     datamodule = build(cfg.data, "data")
     datamodule.setup("fit")
