@@ -32,5 +32,20 @@ def main(cfg: DictConfig) -> None:
     print_results(results, report)
 
 
+def check_command_line() -> None:
+    """A mistyped key or group option, bad syntax, a value left unset: one line and exit 2,
+    before Hydra prints its several (spikellm.config.check_command_line)."""
+    from pathlib import Path
+
+    from spikellm.config import check_command_line as check
+
+    try:
+        check(Path(__file__).resolve().parent / "conf", "eval", sys.argv[1:])
+    except SpikeLLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_command_line()
     main()

@@ -141,6 +141,14 @@ def read_config(directory) -> dict:
         raise DataError(f"{path} is not a spikellm spiking checkpoint (format {config.get('format')!r})")
     if config.get("version") != VERSION:
         raise DataError(f"{path} has format version {config.get('version')!r}; this spikellm reads version {VERSION}")
+    if not isinstance(config.get("model"), dict) or not isinstance(config.get("layers"), dict) or not isinstance(
+            config.get("neuron") or {}, dict):
+        raise DataError(f"{path} lacks its model, layers or neuron record (or one is not an object); "
+                        "the checkpoint is incomplete")
+    from spikellm.config import check_trusted
+
+    # the model and neuron configs name the classes to build: only spikellm's own, before anything is built
+    check_trusted({"model": config.get("model"), "neuron": config.get("neuron")}, path)
     return config
 
 
@@ -182,8 +190,11 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     # the per-layer record is what the weights were written under; the neuron block may have been edited
     rotations = {bool(info.get("rotate", False)) for info in config["layers"].values()}
     rotate = rotations.pop() if len(rotations) == 1 else bool((neuron or {}).get("rotate", False))
-    model = build(config["model"], "model").build(encoder, None, attention_encoder=build_attention_encoder(neuron),
-                                                  rotate=rotate)
+    model_config = build(config["model"], "model")
+    if not callable(getattr(model_config, "build", None)):
+        raise DataError(f"{directory}/config.json: model._target_={config['model'].get('_target_')!r} is not a "
+                        "model config (LlamaConfig, MatMulFreeConfig)")
+    model = model_config.build(encoder, None, attention_encoder=build_attention_encoder(neuron), rotate=rotate)
     modules = dict(model.named_modules())
     for name, info in config["layers"].items():
         layer = modules.get(name)

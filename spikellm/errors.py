@@ -23,5 +23,18 @@ class ConfigError(SpikeLLMError, ValueError):
         return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
 
 
+class OverrideError(ConfigError):
+    """A command line Hydra cannot compose (a mistyped key or group option, bad override syntax,
+    a value left unset); ``message`` is the whole line, naming the override and its fix."""
+
+    def __init__(self, key: str, value, message: str):
+        self.key, self.value, self.allowed = key, value, message
+        SpikeLLMError.__init__(self, message)
+
+    def with_prefix(self, prefix: str) -> "OverrideError":
+        return self
+
+
 class DataError(SpikeLLMError):
-    """A corpus or tokenizer could not be loaded or is unusable."""
+    """A file could not be read or written: a corpus, tokenizer or checkpoint that is missing,
+    corrupt or untrusted, or an output that does not fit where it goes (no space, read-only)."""

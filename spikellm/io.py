@@ -1,14 +1,76 @@
-"""Writing what a user keeps without ever leaving it half-written."""
+"""Writing what a user keeps without ever leaving it half-written, and saying in one line why a
+write failed (no space, read-only, permission) instead of a traceback."""
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from spikellm.errors import ConfigError
+from spikellm.errors import ConfigError, DataError
+
+# the OS errors that mean "this place cannot take the output", with what to do about them
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another directory",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another directory",
+    errno.EFBIG: "file too large for the file system; choose another directory",
+    errno.EROFS: "read-only file system; choose a writable directory",
+    errno.EACCES: "permission denied; choose a directory you can write to",
+    errno.EPERM: "operation not permitted; choose a directory you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.ENAMETOOLONG: "the path is too long",
+    errno.EIO: "input/output error on the device",
+}
+# how Rust libraries (safetensors, tokenizers) report an OS error in their messages
+_RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, as a phrase (``no space left on the device; ...``), when ``error`` is an
+    OS error about the place written to (an ``OSError``, or a Rust library's error carrying an OS
+    error code, among :data:`_WRITE_ERRORS`); None for anything else (a missing input, a bug, an
+    interrupt), which the callers re-raise as it is."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+        match = _RUST_OS_ERROR.search(str(error))
+        code = int(match.group(1) or match.group(2)) if match else None
+    if code in _WRITE_ERRORS:
+        return f"{_WRITE_ERRORS[code]} [{errno.errorcode.get(code, code)}]"
+    return None
+
+
+def check_writable(directory, key: str = "paths.output_dir") -> Path:
+    """``directory``, created if needed and probed (a small file written and removed), else a
+    :class:`ConfigError` on ``key`` with the reason: not a directory, read-only, no space,
+    permission. Call it before a run's work so that it fails in seconds, not at the end."""
+    path = Path(str(directory)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, str(directory), "is a file, not a directory; choose a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(key, str(directory), f"cannot be created: {write_failure(error) or error}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".spikellm-write-probe-", dir=path)
+        try:
+            os.write(fd, b"spikellm write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(key, str(directory), f"is not writable: {write_failure(error) or error}") from None
+    return path
+
+
+def _refused(target: Path, error: BaseException, kept: bool) -> DataError:
+    state = f"the previous {target.name} is intact" if kept else "nothing was written"
+    return DataError(f"cannot write {target}: {write_failure(error)}; {state}")
 
 
 @contextmanager
@@ -17,37 +79,59 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
 
     If the body raises, the temporary directory is removed and ``directory`` is untouched. An
     existing ``directory`` is refused unless ``overwrite`` (then it is replaced only once the new
-    one is complete).
+    one is complete). A write the disk refuses (no space, read-only, permission), in the body or
+    in the rename, is a :class:`DataError` naming ``directory``, with the same guarantees.
     """
     target = Path(directory).expanduser()
     if target.exists() and not overwrite:
         raise ConfigError("output directory", str(target), "already exists; choose another path or delete it first "
                                                            "(nothing is overwritten)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as error:
+        raise _refused(target, error, existed) from None
     try:
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # the previous one back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if write_failure(error) is not None:
+            raise _refused(target, error, existed) from None
         raise
 
 
 def atomic_write_json(path, data) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
-    kill) never sees half a file."""
+    kill) never sees half a file. A write the disk refuses is a :class:`DataError` naming ``path``;
+    the temporary file is removed and a previous ``path`` is left as it was."""
     import json
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(f.name, path)
+    existed = path.exists()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if write_failure(error) is not None:
+            raise _refused(path, error, existed) from None
+        raise
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spikellm.config import build_attention_encoder, build_neuron
+from spikellm.config import build_attention_encoder, build_neuron, check_trusted
 from spikellm.data.tokenizer import Tokenizer, build_tokenizer
 from spikellm.errors import ConfigError, DataError
 
@@ -65,10 +65,17 @@ def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
                         f"{str(error).splitlines()[0][:160]}); it may be truncated or not written by train.py") from None
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
         raise DataError(f"{path} is not a train.py checkpoint: it has no state_dict and hyper_parameters")
+    if not isinstance(state["hyper_parameters"], dict) or not isinstance(state["state_dict"], dict):
+        raise DataError(f"{path} is not a train.py checkpoint: its hyper_parameters or state_dict is not a mapping")
+    # the model and neuron configs in it name classes to build: only spikellm's own, before anything is built
+    check_trusted(state["hyper_parameters"], path, "hyper_parameters")
     hparams = dict(state["hyper_parameters"])
     if neuron is not None:
         hparams["neuron"] = neuron
-    task = CausalLMTask(**hparams)
+    try:
+        task = CausalLMTask(**hparams)
+    except TypeError as error:  # hyper_parameters that CausalLMTask does not take (or lacks)
+        raise DataError(f"{path}: its hyper_parameters do not describe a train.py model ({error})") from None
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     missing, unexpected = task.model.load_state_dict(weights, strict=False)
     parameters = dict(task.model.named_parameters())
@@ -81,7 +88,11 @@ def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
     if tokenizer_state is None:
         raise DataError(f"{path} carries no tokenizer (written before checkpoints stored one); retrain, "
                         "or evaluate a Hugging Face model directory that has its tokenizer")
-    tokenizer = Tokenizer.from_state(tokenizer_state)
+    try:
+        tokenizer = Tokenizer.from_state(tokenizer_state)
+    except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on a corrupt JSON
+        raise DataError(f"{path}: the tokenizer it carries cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
     if tokenizer.vocab_size > task.model.config.vocab_size:
         raise DataError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{task.model.config.vocab_size}")
@@ -95,19 +106,21 @@ def _load_hf(path: Path, neuron: dict | None) -> LoadedModel:
     from spikellm.models.hf import LogitsModel, check_hf_dir, hf_config, load_hf_causal_lm
     from spikellm.models.llama import from_hf_llama
     from spikellm.models.spikify import spikify_from_config
-    from spikellm.posttrain.export import RECORD, load_converted
+    from spikellm.posttrain.export import RECORD, load_converted, read_record
 
     check_hf_dir(path, key="ckpt")
+    config = hf_config(path, key="ckpt")  # config.json readable and of a supported architecture
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
     if (path / RECORD).is_file():
         if neuron is not None:
             raise ConfigError("neuron", neuron.get("name"), f"a converted model ({RECORD}) carries its own encoders; "
                                                             "drop the neuron override")
+        # its neuron config names the encoders to build: only spikellm's own, before anything is built
+        check_trusted({"neuron": read_record(path).get("neuron")}, path / RECORD)
         model, record = load_converted(path)
         return LoadedModel(LogitsModel(model), tokenizer, str(path),
                            {"hf_model_type": model.config.model_type, "neuron": record.get("neuron"),
                             "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
-    config = hf_config(path, key="ckpt")
     hf_model = load_hf_causal_lm(path, key="ckpt")
     if config.model_type == "llama":
         encoder, weight_quantizer = build_neuron(neuron)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spikellm.config import build
-from spikellm.io import atomic_write_json
+from spikellm.io import atomic_write_json, check_writable
 
 
 def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
@@ -20,6 +20,10 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     cost = build(cfg.energy, "energy")
+    check_writable(Path(cfg.results).parent, key="results")  # before minutes of evaluation, not after
+    for key in ("export", "export_hf"):  # their directories must not exist yet: their parents must be writable
+        if cfg.get(key):
+            check_writable(Path(cfg[key]).expanduser().parent, key=key)
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
     model = loaded.model
     if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)

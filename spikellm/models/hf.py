@@ -52,14 +52,25 @@ def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype = torch.
     """
     import transformers
 
+    from safetensors import SafetensorError
+
     hf_config(hf_path, key)
     directory = Path(str(hf_path)).expanduser()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise DataError(f"the weights in {directory} cannot be loaded ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}); they may be truncated or not match config.json") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        detail = (str(error).splitlines() or [""])[0][:200]
+        raise DataError(f"the weights in {_weight_files(directory)} cannot be loaded ({type(error).__name__}: "
+                        f"{detail}); they may be truncated or not match config.json") from None
     return model.eval()
+
+
+def _weight_files(directory: Path) -> str:
+    """The weight file(s) of a model directory, for an error message: ``<dir>/model.safetensors``."""
+    files = sorted(p.name for p in directory.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if len(files) == 1:
+        return str(directory / files[0])
+    return f"{directory} ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})" if files else str(directory)
 
 
 def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -142,6 +153,6 @@ def save_hf_llama(model, tokenizer, directory, dequantize: bool = True) -> Path:
 
     hf_model = to_hf_llama(model, dequantize=dequantize)
     with atomic_directory(directory) as tmp:
-        hf_model.save_pretrained(tmp)
+        hf_model.save_pretrained(tmp)  # transformers >= 5 writes safetensors only: nothing pickled
         tokenizer.save(tmp)
     return Path(directory)

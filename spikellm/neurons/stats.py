@@ -23,6 +23,7 @@ class SpikeStats:
     spikes: Tensor | float = 0.0
     silent: Tensor | int = 0
     outlier_events: Tensor | int = 0
+    nonfinite: Tensor | int = 0  # activations whose count was NaN/inf (a diverged input): no spikes, no bin
     max_abs_count: Tensor | int = 0
     histogram: Tensor | None = None  # counts per value, low..high
     histogram_low: int = 0
@@ -33,25 +34,47 @@ class SpikeStats:
     @torch.no_grad()
     def update(self, encoder, counts: Tensor, outliers: Tensor | None = None) -> None:
         self.channels, self.steps = counts.shape[-1], encoder.num_steps
-        self.activations += counts.numel()
-        self.tokens += counts.numel() // max(1, counts.shape[-1])
-        self.spikes = self.spikes + encoder.spikes_per_count(counts).sum(dtype=torch.float64)
-        self.silent = self.silent + (counts == 0).sum()
-        self.max_abs_count = torch.maximum(torch.as_tensor(self.max_abs_count, device=counts.device),
-                                           counts.abs().max().long())
+        numel = counts.numel()
+        self.activations += numel
+        self.tokens += numel // max(1, counts.shape[-1])
         if outliers is not None:
             self.outlier_events = self.outlier_events + (outliers != 0).sum()
         low, high = encoder.count_bounds()
         low = int(low if isinstance(low, int) else low.min().item())
         high = int(high if isinstance(high, int) else high.max().item())
-        if high - low + 1 <= MAX_HISTOGRAM_BINS:
-            bins = torch.bincount((counts.flatten().long() - low), minlength=high - low + 1)
-            self.histogram = bins if self.histogram is None else self.histogram + bins
-            self.histogram_low = low
+        bins = high - low + 1
+        if bins > MAX_HISTOGRAM_BINS:
+            self._update_without_histogram(encoder, counts)
+            return
+        # One pass over the counts makes the histogram; every other statistic follows from it. A
+        # non-finite input (a diverging run) gives NaN counts: they go to an extra bin, dropped and
+        # counted as ``nonfinite``, so they neither poison the totals nor crash the bincount.
+        index = (counts.flatten() - (low - 1)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(0, bins + 1)
+        histogram = torch.bincount(index.long(), minlength=bins + 2)[1:bins + 1]
+        values = torch.arange(low, high + 1, device=counts.device)
+        self.nonfinite = self.nonfinite + (numel - histogram.sum())
+        self.spikes = self.spikes + (encoder.spikes_per_count(values.to(counts.dtype)).double() * histogram).sum()
+        if low <= 0 <= high:
+            self.silent = self.silent + histogram[-low]
+        self.max_abs_count = torch.maximum(torch.as_tensor(self.max_abs_count, device=counts.device),
+                                           (values.abs() * (histogram > 0)).max())
+        self.histogram = histogram if self.histogram is None else self.histogram + histogram
+        self.histogram_low = low
+
+    def _update_without_histogram(self, encoder, counts: Tensor) -> None:
+        """Wide count ranges (16-bit codes): the statistics from the counts themselves."""
+        finite = torch.isfinite(counts)
+        self.nonfinite = self.nonfinite + (counts.numel() - finite.sum())
+        counts = torch.where(finite, counts, 0)
+        self.spikes = self.spikes + encoder.spikes_per_count(counts).sum(dtype=torch.float64)
+        self.silent = self.silent + ((counts == 0) & finite).sum()
+        self.max_abs_count = torch.maximum(torch.as_tensor(self.max_abs_count, device=counts.device),
+                                           counts.abs().max().long())
 
     def summary(self, encoder) -> dict:
         """Plain numbers: spikes per activation, firing rate (spikes per neuron per step), silent
-        fraction, steps used, and (per token) spikes and outlier events."""
+        fraction, steps used, (per token) spikes and outlier events, and ``nonfinite``: activations
+        whose input was NaN/inf (0 in a healthy run; left out of every other statistic)."""
         activations = max(1, self.activations)
         spikes = float(self.spikes)
         max_abs = int(self.max_abs_count)
@@ -67,6 +90,7 @@ class SpikeStats:
             "max_abs_count": max_abs,
             "spikes_per_token": spikes / max(1, self.tokens),
             "outlier_events": int(self.outlier_events),
+            "nonfinite": int(self.nonfinite),
             "histogram": None if self.histogram is None else
             dict(zip(range(self.histogram_low, self.histogram_low + len(self.histogram)), self.histogram.tolist())),
         }

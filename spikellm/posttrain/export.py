@@ -45,6 +45,9 @@ def read_record(directory) -> dict:
     if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a spikellm converted model of format version {FORMAT_VERSION} "
                         f"(found {record.get('format')!r} v{record.get('version')!r})")
+    from spikellm.config import check_trusted
+
+    check_trusted({"neuron": record.get("neuron")}, path)  # what a converted model rebuilds is our own code only
     return record
 
 

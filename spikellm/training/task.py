@@ -45,10 +45,14 @@ class LanguageModelTask(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, tokens = self.training_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # the mean over every rank's batch: each rank has data.batch_size sequences of the same
+        # length (full batches only), so the mean of the ranks' means is the global batch's mean
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         now = time.perf_counter()
         if self._last_step_end is not None:  # wall time of a whole step: data, forward, backward, update
-            self.log("train/tok_s", tokens / (now - self._last_step_end), prog_bar=True)
+            # tokens per second of all ranks together
+            self.log("train/tok_s", float(tokens) / (now - self._last_step_end), prog_bar=True,
+                     sync_dist=True, reduce_fx="sum")
         self._last_step_end = now
         return loss
 
@@ -66,9 +70,22 @@ class LanguageModelTask(pl.LightningModule):
     def on_validation_epoch_end(self):
         totals = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
         nll = (totals[0] / totals[1]).float()
-        self.log("val/loss", nll, prog_bar=True)
-        self.log("val/ppl", torch.exp(nll), prog_bar=True)
+        # already the same on every rank (reduced above); sync_dist only tells Lightning so
+        self.log("val/loss", nll, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=True)
         self._last_step_end = None  # validation time is not training throughput
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clipping by norm under FSDP (``trainer=fsdp``): the gradients are sharded, so the global
+        norm needs FSDP's own ``clip_grad_norm_`` (Lightning refuses norm clipping there)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) \
+                and (gradient_clip_algorithm or "norm") == "norm":
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
