@@ -47,7 +47,8 @@ def main(cfg: DictConfig) -> float:
     except SpikeLLMError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print_summary(result)
+    if getattr(result, "rank", 0) == 0:  # under DDP every process returns; one summary
+        print_summary(result)
     return result.val_loss
 
 

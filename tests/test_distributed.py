@@ -94,10 +94,6 @@ def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, monkeypat
     _compare(one, two)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the datamodule's train sampler is not rank-aware yet: Lightning wraps it in a "
-                                       "DistributedSamplerWrapper that reshuffles it, so the ranks' batches together "
-                                       "are not the batch one process draws")
 def test_ranks_split_each_global_batch_of_a_corpus(tmp_path, monkeypatch):
     """On a corpus of many batches, the ranks' batches at each step together are the global
     batch one process draws at that step (so 2 x B/2 trains as 1 x B, and a run resumes alike)."""

@@ -1,7 +1,9 @@
 """Next-token prediction batches: corpus -> train/validation documents -> tokens -> packed blocks."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import random
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from spikellm.data.corpus import check_source, load_documents
 from spikellm.data.tokenizer import Tokenizer, atomic_write, build_tokenizer, check_tokenizer_args, digest_documents
@@ -55,6 +57,7 @@ class TextDataModule(LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batch) to go on from, from a checkpoint
 
     @property
     def vocab_size(self) -> int:
@@ -85,14 +88,64 @@ class TextDataModule(LightningDataModule):
                  len(self.val_tokens), tokenizer.vocab_size)
 
     def state_dict(self) -> dict:
-        """Saved in every Lightning checkpoint: the tokenizer, so a checkpoint evaluates on its own."""
-        return {} if self.tokenizer is None else {"tokenizer": self.tokenizer.state()}
+        """Saved in every Lightning checkpoint: the tokenizer, so a checkpoint evaluates on its own,
+        and where training is in the data (``train_position``), so a resumed run goes on with the
+        batch that comes next (see :meth:`train_dataloader`)."""
+        state = {} if self.tokenizer is None else {"tokenizer": self.tokenizer.state()}
+        position = self._train_position()
+        if position is not None:
+            hp = self.hparams
+            state["train_position"] = {**position, "seed": hp.seed, "batch_size": hp.batch_size,
+                                       "block_size": hp.block_size, "blocks": self._train_blocks(),
+                                       "world_size": self._world_size()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Lightning calls it when ``trainer.fit(ckpt_path=...)`` restores a checkpoint, before it
+        asks for the train loader: training goes on from the batch after the checkpoint's."""
+        self.check_resumable(state)
+        position = state.get("train_position")
+        self._resume_at = None if position is None else divmod(int(position["batches_done"]),
+                                                               int(position["epoch_batches"]))
+
+    def check_resumable(self, state: dict, source: str = "the checkpoint") -> None:
+        """Raise a :class:`DataError` if ``state`` (a :meth:`state_dict` from a checkpoint) was made
+        on other data than this module's: another tokenizer, or a batching under which the
+        checkpoint's place in the epoch means other batches. Needs :meth:`setup`."""
+        tokenizer = self._ready()
+        theirs = state.get("tokenizer")
+        if theirs is not None and not _same_tokenizer(theirs, tokenizer.state()):
+            raise DataError(f"{source} was trained with another tokenizer ({_describe_tokenizer(theirs)}) than "
+                            f"data={self.hparams.source} gives ({_describe_tokenizer(tokenizer.state())}); resume "
+                            f"with the data settings it was trained with (data.source, data.path, data.vocab_size, "
+                            f"data.tokenizer_path, data.val_fraction, seed)")
+        position = state.get("train_position")
+        if position is None:
+            return
+        hp = self.hparams
+        ours = {"seed": hp.seed, "batch_size": hp.batch_size, "block_size": hp.block_size,
+                "blocks": self._train_blocks(), "world_size": self._world_size()}
+        differ = [key for key in ours if position.get(key, 1 if key == "world_size" else None) != ours[key]]
+        if differ:
+            keys = {"seed": "data.seed", "batch_size": "data.batch_size", "block_size": "data.block_size",
+                    "blocks": "training blocks", "world_size": "processes (trainer.devices × num_nodes)"}
+            what = ", ".join(f"{keys[k]} {position.get(k)} there, {ours[k]} here" for k in differ)
+            raise DataError(f"{source} was trained on other batches ({what}): its place in the epoch would "
+                            f"mean other data; resume with the data settings it was trained with")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled full batches, in an order fixed by ``seed``."""
+        """Shuffled full batches: epoch ``e`` in an order that depends on ``seed`` and ``e`` only
+        (:class:`EpochShuffle`; Lightning sets the epoch). After :meth:`load_state_dict` (a resumed
+        run) the interrupted epoch goes on from the first batch it had not trained on."""
         self._ready()
-        return self._loader(self.train_tokens, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(self.hparams.seed))
+        hp = self.hparams
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(self._train_blocks(), hp.batch_size, hp.seed, replicas, rank)
+        if self._resume_at is not None:
+            sampler.resume(*self._resume_at)
+            self._resume_at = None  # once: a later loader (a reload) starts its epochs whole
+        return self._loader(self.train_tokens, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         """All validation blocks, in corpus order."""
@@ -105,6 +158,29 @@ class TextDataModule(LightningDataModule):
         return DataLoader(TensorDataset(blocks[:, :-1], blocks[:, 1:]), batch_size=hp.batch_size,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def _train_blocks(self) -> int:
+        return (len(self.train_tokens) - 1) // self.hparams.block_size  # what _loader's unfold makes
+
+    def _train_position(self) -> dict | None:
+        """How many training batches the attached trainer has trained on, and how many make its
+        epoch; None outside a trainer.
+
+        Read from Lightning's progress, not from the loader, which runs a batch ahead. The total
+        count, not the epoch counter: Lightning counts an epoch cut short by ``max_steps`` as done,
+        and a run resumed from there goes on with the rest of that epoch under the next number.
+        """
+        trainer = self.trainer
+        if trainer is None or self.tokenizer is None:
+            return None
+        epoch_batches = trainer.num_training_batches
+        if not isinstance(epoch_batches, int) or epoch_batches <= 0:  # before fit set the loader up
+            epoch_batches = self._train_blocks() // (self.hparams.batch_size * self._world_size())
+        return {"batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.total.processed),
+                "epoch_batches": int(epoch_batches)}
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
     def _ready(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -127,6 +203,73 @@ class TextDataModule(LightningDataModule):
             raise DataError(f"the {split} split of the corpus has {len(ids)} tokens, but block_size={block_size} "
                             f"needs at least {block_size + 1}; lower data.block_size or add text{more}")
         return torch.from_numpy(ids.astype(np.int64))
+
+
+class EpochShuffle(DistributedSampler):
+    """Block indices in a shuffled order per epoch: epoch ``e``'s order is a pure function of
+    ``(seed, e)`` (epoch 0 is ``torch.randperm(n)`` under ``seed``), so a resumed run sees the same
+    order as an uninterrupted one. Lightning calls :meth:`set_epoch` before each epoch.
+
+    Across ``num_replicas`` processes (DDP), global batch ``g`` is ``perm[g·B·W : (g+1)·B·W]`` and
+    rank ``r`` takes its ``r``-th slice of ``B``: together the ranks train on the very batch one
+    process with batch ``B·W`` would, and only whole global batches are used. A
+    ``DistributedSampler`` subclass, so Lightning does not wrap (and reshuffle) it.
+
+    :meth:`resume` makes the next iteration start at a given batch of a given epoch (the batches
+    before it were trained on before the checkpoint). ``len`` stays the whole epoch: Lightning
+    counts the skipped batches among the epoch's and ends it after the rest. Lightning may number
+    that epoch one higher than the data's (it counts an epoch cut short by ``max_steps`` as done);
+    the offset is kept for the epochs after it.
+    """
+
+    # epoch e's generator seed is seed + e * _EPOCH_STRIDE (mod 2^64): an odd constant (the golden
+    # ratio's 64-bit fraction) keeps the (seed, epoch) pairs of small seeds apart
+    _EPOCH_STRIDE = 0x9E3779B97F4A7C15
+
+    def __init__(self, n: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler's own __init__ would ask torch.distributed; these are its attributes
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, True
+        self.epoch = 0  # the data's epoch: Lightning's plus _offset
+        self._offset = 0
+        self._skip: int | None = None  # batches to skip at the start of the next iteration
+        self._resumed_epoch: int | None = None  # until the first set_epoch after resume()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning's epoch number, before each of its epochs."""
+        if self._resumed_epoch is not None:
+            self._offset, self._resumed_epoch = self._resumed_epoch - epoch, None
+        self.epoch = epoch + self._offset
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Start the next iteration at batch ``batches`` of epoch ``epoch`` (the next number that
+        :meth:`set_epoch` receives is that epoch's)."""
+        self.epoch, self._skip, self._resumed_epoch = epoch, batches, epoch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed + epoch * self._EPOCH_STRIDE) % 2 ** 64)
+        return torch.randperm(self.n, generator=generator)
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.num_replicas) * self.batch_size
+
+    def __iter__(self):
+        skip, self._skip = self._skip or 0, None
+        order = self.permutation(self.epoch)
+        global_batch = self.batch_size * self.num_replicas
+        for start in range(skip * global_batch, self.n - global_batch + 1, global_batch):
+            mine = start + self.rank * self.batch_size
+            yield from order[mine:mine + self.batch_size].tolist()
+
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two :meth:`Tokenizer.state` dicts tokenize alike (the same serialized tokenizer and eos)."""
+    return a.get("eos_id") == b.get("eos_id") and json.loads(a["json"]) == json.loads(b["json"])
+
+
+def _describe_tokenizer(state: dict) -> str:
+    digest = hashlib.sha256(state["json"].encode()).hexdigest()[:12]
+    return f"{Tokenizer.from_state(state).vocab_size} tokens, sha256 {digest}"
 
 
 def split_documents(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -60,7 +60,7 @@ def _load_checkpoint(path: Path, neuron: dict | None) -> LoadedModel:
     try:
         # weights_only: a checkpoint is data, never code to run
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as error:
         raise DataError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:160]}); it may be truncated or not written by train.py") from None
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:

@@ -113,6 +113,9 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = check_conversion_config(cfg)
+    from spikellm.io import check_writable
+
+    check_writable(cfg.paths.output_dir)
     native = is_native(cfg)
     source = str(cfg.model.checkpoint) if native else str(check_hf_dir(cfg.model.hf_path))
     cost = build(cfg.energy, "energy")

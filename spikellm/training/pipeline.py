@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from spikellm.checks import check_int
 from spikellm.config import build, build_attention_encoder, build_neuron
-from spikellm.errors import ConfigError
+from spikellm.errors import ConfigError, DataError
+from spikellm.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class TrainResult:
     energy_files: dict = field(default_factory=dict)
     log_dirs: list[Path] = field(default_factory=list)
     spiking_checkpoint: Path | None = None  # packed weights + encoders + model card, for inference
+    rank: int = 0  # the process's global rank: only rank 0 prints the summary
 
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
@@ -84,34 +86,72 @@ def prepare(cfg: DictConfig):
 
 
 def run_training(cfg: DictConfig) -> TrainResult:
-    """Train ``cfg.model`` with ``cfg.neuron`` on ``cfg.data``; see the module docstring."""
+    """Train ``cfg.model`` with ``cfg.neuron`` on ``cfg.data``; see the module docstring.
+
+    ``ckpt_path`` resumes: ``last`` is ``<paths.output_dir>/checkpoints/last.ckpt`` (rerun with
+    ``hydra.run.dir=<the interrupted run's directory> ckpt_path=last``), or a path to a ``.ckpt``.
+    The checkpoint is checked before any training (readable, resumable, the same model, neuron and
+    tokenizer), and the run continues it exactly: weights, optimizer, schedule, step and the place
+    in the data. A run never overwrites another run's ``last.ckpt``; its CSV logs go to a fresh
+    directory when the run directory already has some (``csv/attempt-2`` ...).
+    """
+    import warnings
+
     import lightning.pytorch as pl
+
+    from spikellm.training.checkpoint_io import AtomicCheckpointIO
+
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)  # a read-only or full disk fails now, not after the training
+    _refuse_spawn(cfg)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    resume = read_resume_checkpoint(ckpt) if ckpt is not None else None
+    if resume is not None:
+        check_same_model(resume, cfg, ckpt)
+    _refuse_overwrite(output_dir, ckpt)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, task = prepare(cfg)
-    output_dir = Path(cfg.paths.output_dir)
+    # a checkpoint with the data's place restores it exactly (TextDataModule.state_dict)
+    data_position = resume is not None and "train_position" in resume["data"]
+    if resume is not None and hasattr(datamodule, "check_resumable"):
+        datamodule.check_resumable(resume["data"], source=f"ckpt_path={ckpt}")
+        if not data_position:
+            log.warning("%s does not record its place in the data (an older checkpoint): the interrupted epoch "
+                        "starts over with its first batch", ckpt)
+    del resume  # the tokenizer and hyperparameters only; Lightning reads the checkpoint itself
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    loggers = [_build_logger(node, name) for name, node in (cfg.get("logger") or {}).items()]
     if not loggers:  # logger=none: a learning-rate monitor would have nowhere to write, and Lightning refuses it
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    # atomic checkpoint saves (a user's own trainer.plugins are kept as they are)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **plugins)
 
     start = time.perf_counter()
     initial_ppl = None
-    if cfg.get("ckpt_path") is None and cfg.get("validate_at_start", True):
+    if ckpt is None and cfg.get("validate_at_start", True):
         initial_ppl = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/ppl"]
-    if cfg.get("ckpt_path") is None:  # a resumed run has its allocation in the checkpoint
+    if ckpt is None:  # a resumed run has its allocation in the checkpoint
         allocate_salient_channels(task.model, cfg.neuron.get("allocation"), datamodule)
-    # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    with warnings.catch_warnings():
+        if data_position:  # Lightning, looking at the loader alone, cannot see that the data module resumes
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        if ckpt is not None and ckpt.parent.resolve() == (output_dir / "checkpoints").resolve():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours
+        # weights_only: a checkpoint is data, never code to run (plain dicts in hparams make it loadable)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=None if ckpt is None else str(ckpt), weights_only=True)
     final = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     from spikellm.training.callbacks import EnergyReport
 
     energy = next((c for c in callbacks if isinstance(c, EnergyReport)), None)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable
-    spiking = save_final_checkpoint(cfg, task, datamodule, final, energy, output_dir / "spiking_checkpoint")
-    tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: resumable (collective, rank 0 writes)
+    with _full_parameters(trainer):  # every rank enters (FSDP gathers); only rank 0 writes
+        spiking = (save_final_checkpoint(cfg, task, datamodule, final, energy, output_dir / "spiking_checkpoint")
+                   if trainer.is_global_zero else None)
+    # data.batch_size is per process: a step trains on world_size of them
+    tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size * trainer.world_size
     return TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
         tokens_seen=trainer.global_step * tokens_per_step, seconds=time.perf_counter() - start,
@@ -121,8 +161,148 @@ def run_training(cfg: DictConfig) -> TrainResult:
         spikes_per_activation=_maybe_float(final.get("val/spikes/spikes_per_activation")),
         energy=energy.report if energy else None, energy_files=dict(energy.files) if energy else {},
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
-        spiking_checkpoint=spiking,
+        spiking_checkpoint=spiking, rank=trainer.global_rank,
     )
+
+
+def _refuse_spawn(cfg: DictConfig) -> None:
+    """Spawned processes lose the run's state (the main process gets back an untrained model);
+    train.py launches its processes itself under ``trainer=ddp``."""
+    strategy = cfg.trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy or {}).get("start_method", "")
+    if isinstance(name, str) and "spawn" in name:
+        raise ConfigError("trainer.strategy", name, "spawned processes do not hand the trained model back to the "
+                                                    "run; use trainer=ddp (train.py launches one process per device)")
+
+
+def _full_parameters(trainer):
+    """A context in which an FSDP model's parameters are whole on rank 0 (else a no-op)."""
+    import contextlib
+
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # a torch built without distributed
+        return contextlib.nullcontext()
+    model = trainer.strategy.model
+    if isinstance(model, FSDP):
+        return FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True)
+    return contextlib.nullcontext()
+
+
+def resolve_ckpt_path(value, output_dir: Path) -> Path | None:
+    """The checkpoint ``ckpt_path`` names: ``last`` is ``<output_dir>/checkpoints/last.ckpt``
+    (``output_dir`` is ``hydra.run.dir``), anything else a path; a missing one is an error, never
+    a silent fresh start."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("ckpt_path", value, "must be `last` (resume the run in hydra.run.dir) or the path of a "
+                                              ".ckpt file written by train.py")
+    if value == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError("ckpt_path", value, f"there is no {path}: ckpt_path=last resumes the run in "
+                                                  "hydra.run.dir, so rerun with hydra.run.dir=<the interrupted "
+                                                  "run's directory> ckpt_path=last, or pass the path of a .ckpt")
+        return path
+    path = Path(value).expanduser()
+    if path.is_dir():
+        hint = path / "checkpoints" / "last.ckpt"
+        raise ConfigError("ckpt_path", value, "is a directory; pass a .ckpt file" +
+                          (f", e.g. {hint}" if hint.is_file() else " (<run>/checkpoints/last.ckpt)"))
+    if not path.is_file():
+        raise ConfigError("ckpt_path", value, "no such file; pass a .ckpt written by train.py "
+                                              "(<run>/checkpoints/last.ckpt), or ckpt_path=last with hydra.run.dir")
+    return path
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """What the pre-fit checks need from a Lightning checkpoint (its hyperparameters and the data
+    module's state), after checking that it loads as data and can resume a run."""
+    import torch
+
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (a file that is not a zip goes to the unpickler: any error)
+        reason = (str(error).splitlines() or [""])[0].split(". ")[0][:160]
+        raise DataError(f"ckpt_path={path} is not a readable checkpoint ({type(error).__name__}: {reason}); it may "
+                        f"be truncated or not written by train.py") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
+        raise DataError(f"ckpt_path={path} is not a train.py checkpoint: it has no state_dict and hyper_parameters")
+    if "optimizer_states" not in state or "loops" not in state:
+        raise DataError(f"ckpt_path={path} holds weights only (no optimizer and loop state), so it cannot resume a "
+                        f"run; resume from <run>/checkpoints/last.ckpt")
+    data = next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
+    from spikellm.config import check_trusted
+
+    check_trusted(state["hyper_parameters"], path, "hyper_parameters")  # resuming rebuilds them
+    return {"hyper_parameters": dict(state["hyper_parameters"]), "data": data}
+
+
+def check_same_model(resume: dict, cfg: DictConfig, ckpt: Path) -> None:
+    """A resumed run trains the checkpoint's model: the ``model`` and ``neuron`` groups must be its own."""
+    hparams = resume["hyper_parameters"]
+    theirs = {"model": hparams.get("model"), "neuron": hparams.get("neuron")}
+    ours = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "neuron": OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") is not None else None}
+    differ = _differences(theirs, ours)
+    if differ:
+        shown = "; ".join(f"{key} is {a!r} there, {b!r} here" + (_VOCAB_HINT if key == "model.vocab_size" else "")
+                          for key, a, b in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError("ckpt_path", str(ckpt), f"it was trained with another model: {shown}{more}; resume with "
+                                                  "the model and neuron settings it was trained with")
+
+
+_ABSENT = "(absent)"
+_VOCAB_HINT = " (the tokenizer's size, data.vocab_size by default: another tokenizer)"
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, a's value, b's value)`` wherever two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for identity in ("name", "_target_"):  # another kind of thing altogether: say only that
+            if identity in a and identity in b and a[identity] != b[identity]:
+                return [(f"{prefix}.{identity}" if prefix else identity, a[identity], b[identity])]
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [(prefix, a, b)]
+
+
+def _refuse_overwrite(output_dir: Path, ckpt: Path | None) -> None:
+    """A run writes ``<output_dir>/checkpoints/last.ckpt``: refuse when it holds another run's
+    checkpoint that this run does not continue."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.exists() and (ckpt is None or ckpt.resolve() != last.resolve()):
+        raise ConfigError("hydra.run.dir", str(output_dir),
+                          f"already holds a run ({last}) that this run would overwrite; resume it with ckpt_path=last, "
+                          "or choose another hydra.run.dir")
+
+
+def _build_logger(node, name: str):
+    """A logger of the ``logger`` group; a CSV logger whose directory already holds a metrics.csv
+    (a resumed run, in the run directory of the interrupted one) writes beside it, in
+    ``attempt-2``, ``attempt-3``..., so nothing logged before is deleted."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = build(node, f"logger.{name}")
+    if not isinstance(logger, CSVLogger) or not isinstance(logger.version, str):
+        return logger
+    if not (Path(logger.log_dir) / "metrics.csv").exists():
+        return logger
+    attempt = 2
+    while (Path(logger.root_dir) / _attempt_version(logger.version, attempt)).exists():
+        attempt += 1
+    return build(node, f"logger.{name}", version=_attempt_version(logger.version, attempt))
+
+
+def _attempt_version(version: str, attempt: int) -> str:
+    return str(Path(version) / f"attempt-{attempt}") if version else f"attempt-{attempt}"
 
 
 def save_final_checkpoint(cfg: DictConfig, task, datamodule, final: dict, energy, directory: Path) -> Path:
