@@ -104,7 +104,9 @@ class CausalLMTask(LanguageModelTask):
     """Next-token cross-entropy with AdamW and warmup + cosine.
 
     ``model`` and ``neuron`` are the config groups as plain dicts (``_target_`` inside), so a
-    checkpoint carries everything needed to rebuild the model: ``CausalLMTask.load_from_checkpoint``.
+    checkpoint carries everything needed to rebuild the model. Load one with
+    :func:`spikellm.evaluation.loading.load_model`, which refuses ``_target_`` values outside
+    spikellm before building anything (``load_from_checkpoint`` would build whatever it names).
     """
 
     def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
