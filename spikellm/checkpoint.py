@@ -243,6 +243,9 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
 
         use_kernels(model)
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(directory))
+    if tokenizer.vocab_size > model.config.vocab_size:  # ids the embedding has no row for
+        raise DataError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size} embeddings; the tokenizer is not the one it was trained with")
     return model, tokenizer, config
 
 

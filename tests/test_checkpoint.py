@@ -440,6 +440,17 @@ def test_rotation_the_config_does_not_describe(tmp_path, tokenizer):
         assert torch.equal(got, expected), f"logits differ by up to {(got - expected).abs().max().item():.3g}"
 
 
+def test_tokenizer_larger_than_the_model(broken, tmp_path):
+    """Another tokenizer put in the directory: ids beyond the embedding are refused, not an index error later."""
+    from spikellm.data.corpus import load_documents
+    from spikellm.data.tokenizer import build_tokenizer
+
+    other = build_tokenizer(load_documents("pydoc")[:20], vocab_size=600, cache_dir=tmp_path / "bpe")
+    assert other.vocab_size > 300
+    other.save(broken)
+    assert_refused(broken, "tokenizer has .* tokens but the model only")
+
+
 def test_missing_tokenizer(broken):
     (broken / "tokenizer.json").unlink()
     assert_refused(broken, "tokenizer")

@@ -191,7 +191,7 @@ class TextDataModule(LightningDataModule):
         key = digest_documents(documents, f"{TOKENS_FORMAT_VERSION}:{tokenizer.fingerprint}")
         cache = self.cache_dir / "tokens" / f"{key}.npy"
         if cache.exists():
-            ids = np.load(cache)
+            ids = np.load(cache, allow_pickle=False)
         else:
             dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32  # half the disk for small vocabularies
             ids = _join_with_eos(tokenizer.encode_batch(documents), tokenizer.eos_id, dtype)
