@@ -23,6 +23,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spikellm.errors import ConfigError, DataError, OverrideError
 
+
+def _run_config_dir(ckpt_path, stamp) -> str:
+    """Hydra's ``output_subdir``: ``.hydra`` for a new run; a resumed run (``ckpt_path`` set) keeps
+    the interrupted run's ``.hydra/`` files and writes its own beside them."""
+    return ".hydra" if ckpt_path in (None, "") else f".hydra/resumed-{stamp}"
+
+
+# used by conf/hydra/default.yaml; registered on import, since train.py imports this module first
+OmegaConf.register_new_resolver("spikellm_run_config_dir", _run_config_dir, replace=True)
+
 # keys of a config node that Hydra's instantiate reads itself, not the target
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 

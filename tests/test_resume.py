@@ -118,6 +118,15 @@ def test_killed_run_resumes_bit_for_bit(runs):
     assert not list((killed / "checkpoints").glob(".*"))  # no temporary file left behind
 
 
+def test_resumes_keep_the_interrupted_runs_config(runs):
+    """Hydra's record of the first attempt stays as it was; each resume writes its own beside it."""
+    _, killed, _ = runs
+    first = (killed / ".hydra" / "overrides.yaml").read_text()
+    assert "ckpt_path" not in first
+    resumed = sorted((killed / ".hydra").glob("resumed-*/overrides.yaml"))
+    assert resumed and all("ckpt_path=last" in path.read_text() for path in resumed)
+
+
 def test_data_order_is_a_function_of_seed_and_epoch():
     from spikellm.data.datamodule import EpochShuffle
 
