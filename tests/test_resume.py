@@ -227,3 +227,39 @@ def test_a_fresh_run_never_overwrites_a_run(runs, tmp_path):
     with pytest.raises(ConfigError, match="ckpt_path=last"):
         run_training(cfg)
     assert (runs[1] / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_spike_statistics_carry_their_open_window_across_a_resume():
+    """The SpikeStatistics callback saves the open training window's totals with the checkpoint and
+    puts them back when training starts again, so the first train/spikes row after a resume counts
+    what an uninterrupted run's would."""
+    from spikellm.config import build_neuron
+    from spikellm.models import LlamaConfig
+    from spikellm.neurons.stats import spike_report, track_spikes
+    from spikellm.training.callbacks import SpikeStatistics
+
+    encoder, _ = build_neuron({"encoder": {"_target_": "spikellm.neurons.TernaryEncoder", "_partial_": True}})
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=8).build(encoder)
+
+    first, callback = model(), SpikeStatistics()
+    callback.setup(None, first, "fit")
+    track_spikes(first)
+    with torch.no_grad():
+        first(ids)  # a window the "kill" interrupts
+    state = callback.state_dict()
+    assert state["window"] and all(stats["activations"] for stats in state["window"].values())
+
+    second, restored = model(), SpikeStatistics()
+    restored.load_state_dict(state)
+    restored.on_train_start(None, second)
+    with torch.no_grad():
+        first(ids)
+        second(ids)  # the same batch after the resume: the window totals agree
+    assert spike_report(second) == spike_report(first)
+    fresh = SpikeStatistics()
+    fresh.on_train_start(None, second)  # a new run (nothing restored) starts an empty window
+    assert all(r["activations"] == 0 for r in spike_report(second).values())

@@ -25,6 +25,23 @@ class SpikeStatistics(pl.Callback):
     def __init__(self, every_n_steps: int = 50, per_layer: bool = True):
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
+        self._module: pl.LightningModule | None = None
+        self._restored: dict | None = None  # a checkpoint's open training window, until training starts
+
+    def setup(self, trainer, module, stage):
+        self._module = module
+
+    def state_dict(self) -> dict:
+        """The open training window's totals, so a resumed run logs what an uninterrupted one would."""
+        import dataclasses
+
+        if self._module is None:
+            return {}
+        return {"window": {name: dataclasses.asdict(encoder.stats) for name, encoder in self._module.named_modules()
+                           if isinstance(encoder, SpikeEncoder) and encoder.stats is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state.get("window")
 
     def _log(self, module: pl.LightningModule, prefix: str) -> None:
         report = spike_report(module)
@@ -47,6 +64,13 @@ class SpikeStatistics(pl.Callback):
 
     def on_train_start(self, trainer, module):
         track_spikes(module)
+        if self._restored:  # a resumed run goes on with the interrupted window
+            from spikellm.neurons.stats import SpikeStats
+
+            for name, encoder in module.named_modules():
+                if isinstance(encoder, SpikeEncoder) and name in self._restored:
+                    encoder.stats = SpikeStats(**self._restored[name])
+        self._restored = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if (trainer.global_step % self.every_n_steps) == 0:
