@@ -72,7 +72,6 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N tokens only")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "matmulfree_vs_llama.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = [measure(run, args.cost, args.seqlen, args.limit) for run in args.run]
     args.json.write_text(json.dumps(rows, indent=2))
     print("| model | params (blocks) | ppl | fixed-point ppl | MACs/token | ACs/token | spikes/act | "

@@ -138,7 +138,7 @@ class OperationCounter:
 
     def _recurrence_hook(self, name: str):
         def hook(module, inputs, output):
-            macs = 2 * (inputs[0].numel() // module.dim) * module.dim  # f·h and (1 - f)·c per channel
+            macs = 2 * inputs[0].numel()  # f·h and (1 - f)·c per channel and token of x [B, T, dim]
             ops = self._layer(f"{name}.recurrence", "recurrence")
             ops.macs += macs
             ops.dense_macs += macs

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory, shared_input_linears
+from spikellm.nn.spiking_linear import (EncoderFactory, SpikingLinear, WeightQuantizerFactory, projection_factory,
+                                         shared_input_linears)
 
 
 @dataclass
@@ -205,12 +206,7 @@ class SpikingLlama(nn.Module):
         super().__init__()
         self.config = config
 
-        def linear(in_features: int, out_features: int) -> SpikingLinear:
-            return SpikingLinear(in_features, out_features,
-                                 encoder=encoder() if encoder else None,
-                                 weight_quantizer=weight_quantizer() if weight_quantizer else None,
-                                 unroll=unroll, rotate=rotate)
-
+        linear = projection_factory(encoder, weight_quantizer, unroll, rotate)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))
         if attention_encoder is not None:
@@ -224,18 +220,7 @@ class SpikingLlama(nn.Module):
         cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # scale the residual projections so the residual stream does not grow with depth (GPT-2)
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_decoder_weights(self, config.n_layers)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """``input_ids [B, T]`` → logits ``[B, T, vocab]``."""
@@ -250,6 +235,22 @@ class SpikingLlama(nn.Module):
 
     def spiking_linears(self) -> dict[str, SpikingLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SpikingLinear)}
+
+
+def init_decoder_weights(model: nn.Module, n_layers: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, and the
+    residual projections (``o_proj``, ``down_proj``) scaled by 1/√(2·n_layers) so the residual
+    stream does not grow with depth."""
+    def init_module(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    model.apply(init_module)  # children first, as Module.apply visits them
+    for name, param in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(param, std=0.02 / math.sqrt(2 * n_layers))
 
 
 def config_from_hf(hf_config) -> LlamaConfig:

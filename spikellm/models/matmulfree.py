@@ -30,7 +30,10 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
-from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory, shared_input_linears
+from spikellm.models.llama import RMSNorm as LlamaRMSNorm
+from spikellm.models.llama import init_decoder_weights
+from spikellm.nn.spiking_linear import (EncoderFactory, SpikingLinear, WeightQuantizerFactory, projection_factory,
+                                         shared_input_linears)
 from spikellm.quant.fixed_point import HardwareQuant, lut, rsqrt_fixed, to_fixed
 
 
@@ -71,21 +74,19 @@ class MatMulFreeConfig:
         return MatMulFreeLM(self, encoder, weight_quantizer, unroll, rotate)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm; in hardware mode a fixed-point gain and a shift-and-table ``1/√(mean x²)``."""
+class RMSNorm(LlamaRMSNorm):
+    """The LLaMA's RMSNorm; in hardware mode a fixed-point gain and a shift-and-table ``1/√(mean x²)``."""
 
     def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        super().__init__(dim, eps)
         self.hardware: HardwareQuant | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        mean_square = x32.pow(2).mean(-1, keepdim=True) + self.eps
         spec = self.hardware
         if spec is None:
-            return self.weight * (x32 * torch.rsqrt(mean_square)).to(x.dtype)
+            return super().forward(x)
+        x32 = x.float()
+        mean_square = x32.pow(2).mean(-1, keepdim=True) + self.eps
         gain = to_fixed(self.weight.float(), spec.weight_frac_bits)
         normed = x32 * rsqrt_fixed(mean_square, spec.norm_mantissa_bits) * gain
         return to_fixed(normed, spec.activation_frac_bits, spec.activation_bits).to(x.dtype)
@@ -203,28 +204,14 @@ class MatMulFreeLM(nn.Module):
         super().__init__()
         self.config = config
 
-        def linear(in_features: int, out_features: int) -> SpikingLinear:
-            return SpikingLinear(in_features, out_features, encoder=encoder() if encoder else None,
-                                 weight_quantizer=weight_quantizer() if weight_quantizer else None,
-                                 unroll=unroll, rotate=rotate)
-
+        linear = projection_factory(encoder, weight_quantizer, unroll, rotate)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)  # floating point (DESIGN.md §4)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
-        for name, param in self.named_parameters():  # residual projections scaled with depth (GPT-2)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_decoder_weights(self, config.n_layers)
 
     def forward(self, input_ids: Tensor, state: list[Tensor] | None = None,
                 return_state: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:

@@ -131,6 +131,19 @@ class SpikingLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def projection_factory(encoder: EncoderFactory | None, weight_quantizer: WeightQuantizerFactory | None,
+                       unroll: bool = False, rotate: bool = False) -> Callable[[int, int], SpikingLinear]:
+    """``linear(in_features, out_features)``: a :class:`SpikingLinear` with its own encoder and weight
+    quantizer from the factories (None: float inputs / float weights), as a model builds each projection."""
+
+    def linear(in_features: int, out_features: int) -> SpikingLinear:
+        return SpikingLinear(in_features, out_features, encoder=encoder() if encoder else None,
+                             weight_quantizer=weight_quantizer() if weight_quantizer else None,
+                             unroll=unroll, rotate=rotate)
+
+    return linear
+
+
 def shared_input_linears(x: Tensor, layers: Sequence[SpikingLinear]) -> list[Tensor]:
     """The outputs of ``layers`` that read the same ``x`` (q/k/v, gate/up).
 
