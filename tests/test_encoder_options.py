@@ -281,9 +281,8 @@ def lsq_reference(encoder, x, grad, scale):
         m = 1 if encoder.channel_scale is None else encoder.channel_scale
         low, high = -encoder.levels * m, encoder.levels * m
     v = x.detach().float() / step
-    inside = (v >= low - 0.5) & (v <= high + 0.5)
-    q = max(abs(encoder.min_count), encoder.max_count)
-    g = 1.0 / math.sqrt(x.numel() * q)
+    inside = (v >= low) & (v <= high)  # Esser et al.: v/s clipped to [-Q_N, Q_P] before rounding
+    g = 1.0 / math.sqrt(x[0].numel() * encoder.max_count)  # N_F: the features of one example
     d_step = torch.where(inside, n - v, n)
     return n * step, grad * inside.to(grad.dtype), g * (grad.float() * d_step * step / scale).sum()
 
@@ -291,7 +290,8 @@ def lsq_reference(encoder, x, grad, scale):
 class TestLearnedStep:
     """Contract 4: with ``learnable_step=True`` the value is still counts·Δ exactly, x's gradient is straight
     through the window, and ``step_scale`` gets the LSQ gradient (Esser et al. 2020)
-    ``g · Σ grad · (inside ? n - x/Δ : n) · Δ/s`` with ``g = 1/sqrt(numel · Q)``, computed here by hand;
+    ``g · Σ grad · (inside ? n - x/Δ : n) · Δ/s`` with ``g = 1/sqrt(N_F · Q_P)`` (N_F the features
+    of one example, inside = ``-Q_N <= x/Δ <= Q_P``), computed here by hand;
     SGD on the scale from a bad start lowers the reconstruction error."""
 
     @pytest.mark.parametrize("dtype", DTYPES)

@@ -229,10 +229,12 @@ def test_a_fresh_run_never_overwrites_a_run(runs, tmp_path):
     assert (runs[1] / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
-def test_spike_statistics_carry_their_open_window_across_a_resume():
-    """The SpikeStatistics callback saves the open training window's totals with the checkpoint and
-    puts them back when training starts again, so the first train/spikes row after a resume counts
-    what an uninterrupted run's would."""
+def test_spike_statistics_sample_whole_steps_so_a_resume_carries_nothing():
+    """Training statistics are sampled over one step every ``every_n_steps`` steps: tracking starts
+    at the sampled step's batch start and ends at its batch end, so no window is ever open across
+    a checkpoint, and after a resume the first sampled row counts what an uninterrupted run's would."""
+    from types import SimpleNamespace
+
     from spikellm.config import build_neuron
     from spikellm.models import LlamaConfig
     from spikellm.neurons.stats import spike_report, track_spikes
@@ -245,21 +247,20 @@ def test_spike_statistics_carry_their_open_window_across_a_resume():
         torch.manual_seed(0)
         return LlamaConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=8).build(encoder)
 
-    first, callback = model(), SpikeStatistics()
-    callback.setup(None, first, "fit")
-    track_spikes(first)
-    with torch.no_grad():
-        first(ids)  # a window the "kill" interrupts
-    state = callback.state_dict()
-    assert state["window"] and all(stats["activations"] for stats in state["window"].values())
-
-    second, restored = model(), SpikeStatistics()
-    restored.load_state_dict(state)
-    restored.on_train_start(None, second)
-    with torch.no_grad():
-        first(ids)
-        second(ids)  # the same batch after the resume: the window totals agree
-    assert spike_report(second) == spike_report(first)
-    fresh = SpikeStatistics()
-    fresh.on_train_start(None, second)  # a new run (nothing restored) starts an empty window
-    assert all(r["activations"] == 0 for r in spike_report(second).values())
+    callback, logged = SpikeStatistics(every_n_steps=2), []
+    callback._log = lambda module, prefix: logged.append(spike_report(module))
+    first = model()
+    track_spikes(first)  # whatever was on before (a validation), training starts with tracking off
+    callback.on_train_start(None, first)
+    assert not spike_report(first)
+    for step in range(4):  # global_step before the update is `step`
+        callback.on_train_batch_start(SimpleNamespace(global_step=step), first, None, step)
+        with torch.no_grad():
+            first(ids)
+        tracked = bool(spike_report(first))
+        callback.on_train_batch_end(SimpleNamespace(global_step=step + 1), first, None, None, step)
+        assert tracked == ((step + 1) % 2 == 0) and not spike_report(first)
+    assert len(logged) == 2 and logged[0] == logged[1]  # one step each, the same batch
+    # one forward of 2 × 8 tokens: 16 activations per input channel of each projection
+    assert all(r["activations"] == ids.numel() * (32 if "down_proj" in name else 16)
+               for name, r in logged[0].items())

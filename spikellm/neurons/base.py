@@ -16,8 +16,15 @@ Three options apply to every encoder, implemented once here:
   chosen channels ``m = 2^addbit`` times the steps, a step ``Δ/m`` and counts up to ``m`` times
   larger; the allocation is a buffer saved with the model;
 * a learnable step size (LSQ, Esser et al. 2020): ``learnable_step=True`` multiplies the dynamic
-  per-token step by a learned scalar trained with the LSQ gradient;
-* firing statistics in closed form from the counts (:mod:`spikellm.neurons.stats`).
+  per-token step by a learned scalar trained with the LSQ gradient; it is also the per-layer
+  threshold that a spike objective can push up (:meth:`spike_term`);
+* the threshold rule: ``threshold="bound"`` maps a per-token clipping bound (the γ-quantile of
+  ``|x|``, γ = 1 the absmax) onto the top count; ``threshold="mean"`` is SpikingBrain's adaptive
+  threshold ``Δ = mean(|x|) / k`` per token, which fires about ``k`` spikes per activation whatever
+  the distribution's tail (counts beyond the range saturate);
+* firing statistics in closed form from the counts (:mod:`spikellm.neurons.stats`), either full
+  (histograms, for validation) or as a per-forward :class:`~spikellm.neurons.stats.SpikeTally`
+  (the few sums a training step or the operation counter needs).
 """
 from __future__ import annotations
 
@@ -27,11 +34,12 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from spikellm.checks import check_bool, check_int
+from spikellm.checks import check_bool, check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound, straight_through
 
 GRANULARITIES = ("token", "channel")
+THRESHOLDS = ("bound", "mean")
 
 
 class SpikeEncoder(nn.Module, ABC):
@@ -44,17 +52,34 @@ class SpikeEncoder(nn.Module, ABC):
     step_levels: int
     gamma: float
 
-    def __init__(self, learnable_step: bool = False, granularity: str = "token"):
+    def __init__(self, learnable_step: bool = False, granularity: str = "token", threshold: str = "bound",
+                 threshold_k: float = 1.0):
         super().__init__()
         self.learnable_step = check_bool("learnable_step", learnable_step)
         if granularity not in GRANULARITIES:
             raise ConfigError("granularity", granularity, "must be one of: " + ", ".join(GRANULARITIES))
         self.granularity = granularity
+        if threshold not in THRESHOLDS:
+            raise ConfigError("threshold", threshold, "must be one of: " + ", ".join(THRESHOLDS))
+        self.threshold = threshold
+        self.threshold_k = check_float("threshold_k", threshold_k, 0.0, 1e6, low_open=True)
         self.step_scale = nn.Parameter(torch.ones(())) if self.learnable_step else None
         self.register_buffer("channel_scale", None)  # [C] step multiplier per input channel, or None
         # set (True) when the allocated channels take their per-token bound among themselves
         self.register_buffer("separate_clusters", None)
         self.stats = None  # a SpikeStats while statistics are tracked
+        self.tally = None  # a SpikeTally while a counter or a step needs the spike sums
+        self.spike_terms = None  # a list of (differentiable spike count, activations) while a spike objective records
+
+    def _check_threshold_options(self) -> None:
+        """Combinations that would silently do something else: called by subclasses once ``gamma`` is set."""
+        if self.granularity == "channel" and (self.gamma < 1.0 or self.threshold != "bound"):
+            raise ConfigError("gamma" if self.gamma < 1.0 else "threshold", self.gamma if self.gamma < 1.0 else
+                              self.threshold, "granularity=channel takes the causal running max per channel; "
+                              "it has no γ-quantile or mean threshold: use gamma=1.0, threshold=bound")
+        if self.threshold == "mean" and self.gamma < 1.0:
+            raise ConfigError("gamma", self.gamma, "threshold=mean sets Δ = mean(|x|)/threshold_k and has no "
+                              "clipping quantile: use gamma=1.0 with it")
 
     # ---- what an encoder defines ----------------------------------------------------------
     @abstractmethod
@@ -66,9 +91,14 @@ class SpikeEncoder(nn.Module, ABC):
         return x.detach().float().abs()
 
     def step_size(self, x: Tensor) -> Tensor:
-        """The dynamic step Δ (fp32): per token ``[..., 1]`` from the γ-quantile of the token, or per
-        channel ``[..., T, C]`` from the running maximum over the tokens so far (``x [..., T, C]``)."""
-        magnitude = self.magnitude(x)
+        """The dynamic step Δ (fp32): per token ``[..., 1]`` from the γ-quantile of the token (or
+        ``mean(|x|)/k``), or per channel ``[..., T, C]`` from the running maximum over the tokens
+        so far (``x [..., T, C]``)."""
+        return self._step_of(self.magnitude(x))
+
+    def _step_of(self, magnitude: Tensor) -> Tensor:
+        if self.threshold == "mean":
+            return magnitude.mean(dim=-1, keepdim=True).clamp_min(1e-8) / self.threshold_k
         bound = causal_channel_bound(magnitude) if self.granularity == "channel" else quantile_bound(magnitude, self.gamma)
         return bound.clamp_min(1e-8) / self.step_levels
 
@@ -88,9 +118,25 @@ class SpikeEncoder(nn.Module, ABC):
         """Non-zero spikes each activation emits, in closed form (binary and ternary codes: ``|n|``)."""
         return counts.abs()
 
+    def spike_levels(self, counts: Tensor) -> Tensor:
+        """Summed magnitudes of the spikes each activation emits: ``spikes_per_count`` for codes of
+        unit spikes; a graded (multi-level) spike of level k counts k."""
+        return self.spikes_per_count(counts)
+
+    def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
+        """A smooth, increasing stand-in for :meth:`spikes_per_count` as a function of ``|x| / Δ``
+        (within the count range): its gradient is what a spike objective follows (``|n|`` for
+        binary and ternary codes)."""
+        return scaled_magnitude
+
     def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
         """Counts sent beside the train as a sparse stream (clipped residuals), or None."""
         return None
+
+    def window_bounds(self):
+        """``(low, high)`` of the value the layer receives, in counts: the clipping window of the
+        straight-through and LSQ gradients (the count bounds, wider with an outlier stream)."""
+        return self.count_bounds()
 
     def surrogate_value(self, x: Tensor) -> Tensor | None:
         """``Δ · decode(train)`` differentiable through the simulated neuron (surrogate gradients),
@@ -178,26 +224,92 @@ class SpikeEncoder(nn.Module, ABC):
         return True
 
     @property
+    def absmax_step(self) -> bool:
+        """Whether the step is the plain per-token absmax over the levels (what the fused kernel
+        computes by itself); otherwise the encoder's :meth:`token_step` is handed to it."""
+        return self.threshold == "bound" and self.gamma >= 1.0 and self.step_scale is None
+
+    @property
     def can_clip(self) -> bool:
         """Whether some activation can fall outside the window (then the STE needs a mask). A
         per-token absmax or a causal per-channel running max always covers the value itself."""
-        covered = self.granularity == "channel" or self.gamma >= 1.0
+        covered = self.threshold == "bound" and (self.granularity == "channel" or self.gamma >= 1.0)
         return not (covered and self.step_scale is None and self.keeps_full_range)
+
+    def spike_term(self, x: Tensor, counts: Tensor, spikes: Tensor) -> Tensor:
+        """The spike count of this forward, exactly ``spikes`` in value, differentiable through the
+        collapsed form: the gradient is that of ``Σ spike_proxy(|x| / Δ)`` with Δ's dependence on
+        ``x`` (its bound) and on the learned scale kept, and the rounding passed straight through.
+        A learned scale is the per-layer threshold the objective pushes up; the task loss pulls it
+        down."""
+        step = self._step_of(x.float().abs() if self.min_count < 0 else x.float().clamp_min(0))
+        if self.step_scale is not None:
+            step = step * self.step_scale.abs().clamp_min(1e-4)
+        if self.channel_scale is not None:
+            step = step / self.channel_scale
+        low, high = self.count_bounds()
+        scaled = (x.float() / step).clamp(low, high).abs()
+        proxy = self.spike_proxy(scaled).sum()
+        return spikes + (proxy - proxy.detach())
 
     def forward(self, x: Tensor, siblings: tuple["SpikeEncoder", ...] = ()) -> Tensor:
         """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
         (and, with a learnable step, reaches the step by the LSQ rule). ``siblings`` are encoders
         of other layers that receive this same spike train: their statistics are updated too."""
         counts, step = self.encode(x)
+        listeners = (self, *siblings)
+        recording = torch.is_grad_enabled() and any(e.spike_terms is not None for e in listeners)
         with torch.no_grad():
             outliers = self.outlier_counts(x, step, counts)
-            for encoder in (self, *siblings):
+            for encoder in listeners:
                 if encoder.stats is not None:
                     encoder.stats.update(encoder, counts, outliers)
+            spikes = record_tallies(self, listeners, counts, outliers, need_spikes=recording)
             total = counts if outliers is None else counts + outliers
-            # inside the window = not clipped: the rounding error is at most half a step
-            inside = (x.detach().float() / step - total).abs() <= 0.5 if self.can_clip else None
+            inside = self.inside_window(x, step) if self.can_clip else None
+        if recording:
+            term = self.spike_term(x, counts, spikes)
+            for encoder in listeners:
+                if encoder.spike_terms is not None:
+                    encoder.spike_terms.append((term, counts.numel()))
         if self.step_scale is None:
             return straight_through(x, total * step, inside)
-        grad_scale = 1.0 / math.sqrt(x.numel() * max(abs(self.min_count), self.max_count))
-        return learned_step_quantize(x, self.step_scale, total, step, inside, grad_scale)
+        return learned_step_quantize(x, self.step_scale, total, step, inside, self.lsq_gradient_scale(x))
+
+    def inside_window(self, x: Tensor, step: Tensor) -> Tensor:
+        """Where the gradient passes: ``low <= x/Δ <= high`` on the window's bounds, as LSQ
+        (Esser et al. 2020) clips ``v/s`` to ``[-Q_N, Q_P]`` before rounding; a value in
+        ``(Q_P, Q_P + 1/2]`` rounds to the top count but is clipped all the same."""
+        scaled = x.detach().float() / step
+        low, high = self.window_bounds()
+        return (scaled >= low) & (scaled <= high)
+
+    def lsq_gradient_scale(self, x: Tensor) -> float:
+        """LSQ's ``g = 1 / sqrt(N_F · Q_P)``, ``N_F`` the features of one example (Esser et al.:
+        "the number of features in a layer"): one sequence's ``x[0].numel()``, so the scale does
+        not shrink with the batch size; ``Q_P`` the top count."""
+        features = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(1, features) * max(1, self.max_count))
+
+
+def threshold_repr(encoder: SpikeEncoder) -> str:
+    """``threshold=mean, threshold_k=…, `` for the mean rule, nothing for the default bound rule
+    (so the representation of every existing configuration stays what it was)."""
+    return "" if encoder.threshold == "bound" else f"threshold=mean, threshold_k={encoder.threshold_k}, "
+
+
+def record_tallies(encoder: SpikeEncoder, listeners, counts: Tensor, outliers: Tensor | None,
+                   need_spikes: bool = False) -> Tensor | None:
+    """Add this forward's spike sums to every listener's tally; returns the spike count (a 0-d
+    tensor) when a tally or ``need_spikes`` asked for it, computed once for all listeners."""
+    tallies = [e.tally for e in listeners if e.tally is not None]
+    if not tallies and not need_spikes:
+        return None
+    spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
+    if tallies:
+        from spikellm.neurons.stats import SpikeTally
+
+        step_tally = SpikeTally.of(encoder, counts, outliers, spikes)
+        for tally in tallies:
+            tally.add(step_tally)
+    return spikes

@@ -1,6 +1,7 @@
 """Bit-plane (bitwise) spike coding, MSB first (DESIGN.md §3.4)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from spikellm.neurons.rate_functional import bitplane_spike_train, bitplane_weights, popcount
@@ -31,3 +32,7 @@ class BitPlaneEncoder(UniformCountEncoder):
 
     def spikes_per_count(self, counts: Tensor) -> Tensor:
         return popcount(counts)
+
+    def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
+        # popcount of |n| averages about half its bit length, log2(|n| + 1) / 2, and grows with it
+        return torch.log2(1 + scaled_magnitude) / 2

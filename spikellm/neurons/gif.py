@@ -26,8 +26,9 @@ class GIFEncoder(UniformCountEncoder):
     """
 
     def __init__(self, bits: int = 4, levels: int = 4, gamma: float = 1.0, signed: bool = False,
-                 learnable_step: bool = False, granularity: str = "token"):
-        super().__init__(bits, gamma, signed, learnable_step, granularity)
+                 learnable_step: bool = False, granularity: str = "token", threshold: str = "bound",
+                 threshold_k: float = 1.0):
+        super().__init__(bits, gamma, signed, learnable_step, granularity, threshold, threshold_k)
         self.levels = check_int("levels", levels, 2, 256)
         if self.levels & (self.levels - 1):
             raise ConfigError("levels", levels, "must be a power of two in [2, 256]")
@@ -40,6 +41,12 @@ class GIFEncoder(UniformCountEncoder):
 
     def spikes_per_count(self, counts: Tensor) -> Tensor:
         return gif_spikes_per_count(counts, self.levels)
+
+    def spike_levels(self, counts: Tensor) -> Tensor:
+        return counts.abs()  # a spike of level k carries k of the count
+
+    def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
+        return scaled_magnitude / (self.levels - 1)  # ceil(|n| / (L-1)) without the steps
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels={self.levels}"

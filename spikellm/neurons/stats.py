@@ -96,6 +96,52 @@ class SpikeStats:
         }
 
 
+@dataclass
+class SpikeTally:
+    """The few sums of the spikes of some forwards that a training step or the operation counter
+    needs, with no histogram: activations, spike events, summed spike levels (a graded spike of
+    level k counts k), non-zero counts (inputs whose weight row an event-driven layer reads), and
+    outlier events. Totals stay tensors on the counts' device (no host synchronisation)."""
+
+    activations: int = 0
+    spikes: Tensor | float = 0.0
+    levels: Tensor | float = 0.0
+    nonzero: Tensor | int = 0
+    outlier_events: Tensor | int = 0
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, encoder, counts: Tensor, outliers: Tensor | None = None, spikes: Tensor | None = None) -> "SpikeTally":
+        """The tally of one encoding (``spikes``: its spike count when already summed)."""
+        finite = torch.isfinite(counts)
+        counts = torch.where(finite, counts, 0)  # a diverged input fires nothing (as in SpikeStats)
+        if spikes is None or not bool(finite.all()):
+            spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
+        levels = encoder.spike_levels(counts).sum(dtype=torch.float64)
+        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=(counts != 0).sum(),
+                   outlier_events=0 if outliers is None else (outliers != 0).sum())
+
+    def add(self, other: "SpikeTally") -> None:
+        self.activations += other.activations
+        self.spikes = self.spikes + other.spikes
+        self.levels = self.levels + other.levels
+        self.nonzero = self.nonzero + other.nonzero
+        self.outlier_events = self.outlier_events + other.outlier_events
+
+    def as_numbers(self) -> dict:
+        return {"activations": self.activations, "spikes": float(self.spikes), "levels": float(self.levels),
+                "nonzero": int(self.nonzero), "outlier_events": int(self.outlier_events)}
+
+
+def tally_spikes(model: nn.Module, enabled: bool = True) -> None:
+    """Start (fresh tallies) or stop the per-forward spike sums of every encoder of ``model``."""
+    from spikellm.neurons.base import SpikeEncoder
+
+    for module in model.modules():
+        if isinstance(module, SpikeEncoder):
+            module.tally = SpikeTally() if enabled else None
+
+
 def track_spikes(model: nn.Module, enabled: bool = True) -> None:
     """Start (fresh totals) or stop accumulating statistics in every encoder of ``model``."""
     from spikellm.neurons.base import SpikeEncoder

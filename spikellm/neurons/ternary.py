@@ -5,7 +5,7 @@ from torch import Tensor
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
-from spikellm.neurons.base import SpikeEncoder
+from spikellm.neurons.base import SpikeEncoder, threshold_repr
 from spikellm.neurons.functional import quantize_counts, ternary_spike_train, ternary_surrogate_value
 
 RESIDUALS = ("drop", "outlier")
@@ -26,13 +26,19 @@ class TernaryEncoder(SpikeEncoder):
         learnable_step: learn a scale of the step with LSQ (see :class:`SpikeEncoder`).
         granularity: ``token`` (a step per token) or ``channel`` (a causal step per channel, for
             attention keys).
+        threshold: ``bound`` (the γ-quantile bound maps onto Q) or ``mean`` (``Δ = mean(|x|) /
+            threshold_k`` per token, SpikingBrain's adaptive threshold; about ``threshold_k``
+            spikes per activation).
+        threshold_k: k of the ``mean`` rule.
     """
 
     def __init__(self, bits: int = 4, gamma: float = 1.0, clip: int | None = None, residual: str = "drop",
-                 learnable_step: bool = False, granularity: str = "token"):
-        super().__init__(learnable_step, granularity)
+                 learnable_step: bool = False, granularity: str = "token", threshold: str = "bound",
+                 threshold_k: float = 1.0):
+        super().__init__(learnable_step, granularity, threshold, threshold_k)
         self.bits = check_int("bits", bits, 2, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
+        self._check_threshold_options()
         self.levels = self.step_levels = 2 ** (self.bits - 1) - 1
         self.clip = None if clip is None else check_int("clip", clip, 1, self.levels)
         if residual not in RESIDUALS:
@@ -64,5 +70,12 @@ class TernaryEncoder(SpikeEncoder):
         scale = 1 if self.channel_scale is None else self.channel_scale
         return quantize_counts(x, step, -self.levels * scale, self.levels * scale) - counts
 
+    def window_bounds(self):
+        if not (self.residual == "outlier" and self.clip is not None):
+            return self.count_bounds()
+        scale = 1 if self.channel_scale is None else self.channel_scale
+        return -self.levels * scale, self.levels * scale
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, residual={self.residual}, T={self.num_steps}"
+        return (f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, residual={self.residual}, "
+                f"{threshold_repr(self)}T={self.num_steps}")

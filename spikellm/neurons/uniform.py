@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from spikellm.checks import check_bool, check_float, check_int
-from spikellm.neurons.base import SpikeEncoder
+from spikellm.neurons.base import SpikeEncoder, threshold_repr
 from spikellm.neurons.functional import quantize_counts
 from spikellm.neurons.rate_functional import count_limit
 
@@ -20,14 +20,18 @@ class UniformCountEncoder(SpikeEncoder):
             LLaMA projections (signed inputs) need ``signed=True``.
         learnable_step: learn a scale of the step with LSQ (see :class:`SpikeEncoder`).
         granularity: ``token`` (a step per token) or ``channel`` (a causal step per channel).
+        threshold: ``bound`` (the γ-quantile bound maps onto the top count) or ``mean``
+            (``Δ = mean(|x|) / threshold_k`` per token, SpikingBrain's adaptive threshold).
+        threshold_k: k of the ``mean`` rule.
     """
 
     def __init__(self, bits: int = 4, gamma: float = 1.0, signed: bool = False, learnable_step: bool = False,
-                 granularity: str = "token"):
-        super().__init__(learnable_step, granularity)
+                 granularity: str = "token", threshold: str = "bound", threshold_k: float = 1.0):
+        super().__init__(learnable_step, granularity, threshold, threshold_k)
         self.signed = check_bool("signed", signed)
         self.bits = check_int("bits", bits, 2 if self.signed else 1, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
+        self._check_threshold_options()
         self.max_count = count_limit(self.bits, self.signed)
         self.min_count = -self.max_count if self.signed else 0
         self.step_levels = self.max_count
@@ -44,4 +48,4 @@ class UniformCountEncoder(SpikeEncoder):
         return quantize_counts(x, step, low, high)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, T={self.num_steps}"
+        return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, {threshold_repr(self)}T={self.num_steps}"

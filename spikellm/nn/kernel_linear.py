@@ -40,14 +40,17 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
     rows = x.reshape(-1, layer.in_features).float()
     if layer.rotate:
         rows = hadamard_transform(rows)
-    given_step = None
-    if encoder.gamma < 1.0 or encoder.step_scale is not None:
-        given_step = encoder.token_step(rows).reshape(-1)
+    given_step = None if encoder.absmax_step else encoder.token_step(rows).reshape(-1)
     scale = encoder.channel_scale
     counts, step, _, _ = encode_counts(rows, encoder.step_levels, encoder.min_count, encoder.max_count,
                                        signed=encoder.min_count < 0, step=given_step, channel_scale=scale)
-    if encoder.stats is not None:  # the energy report counts the kernel's spikes as the float path's
-        encoder.stats.update(encoder, counts.float().reshape(*x.shape[:-1], layer.in_features))
+    if encoder.stats is not None or encoder.tally is not None:  # counted as the float path's spikes
+        from spikellm.neurons.base import record_tallies
+
+        counted = counts.float().reshape(*x.shape[:-1], layer.in_features)
+        if encoder.stats is not None:
+            encoder.stats.update(encoder, counted)
+        record_tallies(encoder, (encoder,), counted, None)
     if scale is not None:  # one common step Δ / max m: integer counts n · max m / m
         top = scale.max()
         counts = (counts.float() * (top / scale)).to(torch.int8)

@@ -115,8 +115,7 @@ class SpikingLinear(nn.Linear):
         weight = self.effective_weight()
         with torch.no_grad():
             spikes, step, outliers, time_weights = self._spike_train(x)
-            total = self.encoder.decode(spikes) + (0 if outliers is None else outliers)
-            inside = (x.detach().float() / step - total).abs() <= 0.5
+            inside = self.encoder.inside_window(x, step)
         out = sum(F.linear((w_t * s_t * step).to(x.dtype), weight) for w_t, s_t in zip(time_weights, spikes))
         if outliers is not None:
             out = out + F.linear((outliers * step).to(x.dtype), weight)

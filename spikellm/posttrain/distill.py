@@ -28,8 +28,9 @@ class DistillationTask(LanguageModelTask):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 10, min_lr_ratio: float = 0.1,
-                 max_steps: int = 100, temperature: float = 1.0, ce_weight: float = 0.0):
-        super().__init__()
+                 max_steps: int = 100, temperature: float = 1.0, ce_weight: float = 0.0,
+                 spike_loss: dict | None = None):
+        super().__init__(spike_loss)
         check_float("temperature", temperature, 0.0, 100.0, low_open=True)
         check_float("ce_weight", ce_weight, 0.0, 100.0)
         self.save_hyperparameters(ignore=["student", "teacher"])

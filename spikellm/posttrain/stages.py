@@ -135,18 +135,23 @@ class Sparsify:
 
 class DistillationQAT:
     """QAT of the converted model against the FP teacher's logits (KL), on the data group's
-    training batches, with the run's trainer settings and ``max_steps`` of its own."""
+    training batches, with the run's trainer settings and ``max_steps`` of its own; ``spike_loss``
+    adds the spike-count objective (:mod:`spikellm.training.spike_loss`) as in train.py."""
 
     needs_teacher = True
 
     def __init__(self, max_steps: int = 200, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 temperature: float = 1.0, ce_weight: float = 0.0):
+                 temperature: float = 1.0, ce_weight: float = 0.0, spike_loss: dict | None = None):
+        from spikellm.training.spike_loss import SpikeObjective
+
         self.max_steps = check_int("max_steps", max_steps, 1)
+        SpikeObjective.from_config(spike_loss, "convert.stages.qat.spike_loss")  # refused here, before any work
         self.options = dict(lr=check_float("lr", lr, 0.0, 1.0, low_open=True),
                             weight_decay=check_float("weight_decay", weight_decay, 0.0, 10.0),
                             warmup_steps=check_int("warmup_steps", warmup_steps, 0),
                             temperature=check_float("temperature", temperature, 0.0, 100.0, low_open=True),
-                            ce_weight=check_float("ce_weight", ce_weight, 0.0, 100.0))
+                            ce_weight=check_float("ce_weight", ce_weight, 0.0, 100.0),
+                            spike_loss=dict(spike_loss) if spike_loss else None)
 
     def __call__(self, ctx: ConversionContext) -> dict:
         import lightning.pytorch as pl

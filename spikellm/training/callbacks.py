@@ -16,32 +16,20 @@ from spikellm.neurons.stats import spike_report, track_spikes
 class SpikeStatistics(pl.Callback):
     """Logs firing statistics per encoded layer, from closed forms on the counts (no spike trains).
 
-    Statistics accumulate over each validation epoch and over every ``every_n_steps`` training
-    steps; each layer logs ``spikes/<layer>/{firing_rate,spikes_per_activation,silent_fraction}``
-    and the model its activation-weighted mean ``spikes/firing_rate`` and
-    ``spikes/spikes_per_activation``.
+    Full statistics (a count histogram per encoder) cost about as much as the encoding itself, so
+    they are computed only where they are logged: over each validation epoch, and in training over
+    one step every ``every_n_steps`` steps (the step whose ``global_step`` after the update is a
+    multiple of ``every_n_steps``), a sample of the window rather than its sum. Each layer logs
+    ``spikes/<layer>/{firing_rate,spikes_per_activation,silent_fraction}`` and the model its
+    activation-weighted mean ``spikes/firing_rate`` and ``spikes/spikes_per_activation``. A spike
+    objective (``task.spike_loss``) logs the exact ``train/spikes_per_activation`` of every step.
+    A sampled window opens and closes within its step, so a resumed run's rows are those of an
+    uninterrupted run with no state carried in the checkpoint.
     """
 
     def __init__(self, every_n_steps: int = 50, per_layer: bool = True):
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
-        self._module: pl.LightningModule | None = None
-        self._restored: dict | None = None  # a checkpoint's open training window, until training starts
-
-    def setup(self, trainer, module, stage):
-        self._module = module
-
-    def state_dict(self) -> dict:
-        """The open training window's totals, so a resumed run logs what an uninterrupted one would."""
-        import dataclasses
-
-        if self._module is None:
-            return {}
-        return {"window": {name: dataclasses.asdict(encoder.stats) for name, encoder in self._module.named_modules()
-                           if isinstance(encoder, SpikeEncoder) and encoder.stats is not None}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._restored = state.get("window")
 
     def _log(self, module: pl.LightningModule, prefix: str) -> None:
         report = spike_report(module)
@@ -60,29 +48,29 @@ class SpikeStatistics(pl.Callback):
                     metrics[f"{prefix}{layer}/{key}"] = r[key]
         during_validation = prefix.startswith("val")
         module.log_dict(metrics, on_step=not during_validation, on_epoch=during_validation)
-        track_spikes(module)  # fresh totals for the next window
+
+    def _samples(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
 
     def on_train_start(self, trainer, module):
-        track_spikes(module)
-        if self._restored:  # a resumed run goes on with the interrupted window
-            from spikellm.neurons.stats import SpikeStats
+        # a sampled window opens and closes within one step, so a resumed run has none to carry
+        track_spikes(module, enabled=False)
 
-            for name, encoder in module.named_modules():
-                if isinstance(encoder, SpikeEncoder) and name in self._restored:
-                    encoder.stats = SpikeStats(**self._restored[name])
-        self._restored = None
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self._samples(trainer.global_step + 1):  # this step ends on a logged step
+            track_spikes(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if (trainer.global_step % self.every_n_steps) == 0:
+        if self._samples(trainer.global_step):
             self._log(module, "train/spikes/")
+            track_spikes(module, enabled=False)
 
     def on_validation_epoch_start(self, trainer, module):
         track_spikes(module)
 
     def on_validation_epoch_end(self, trainer, module):
         self._log(module, "val/spikes/")
-        # inside fit, training resumes and keeps tracking; a plain validate() leaves nothing on
-        track_spikes(module, enabled=trainer.state.fn == TrainerFn.FITTING)
+        track_spikes(module, enabled=False)
 
     def on_train_end(self, trainer, module):
         track_spikes(module, enabled=False)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spikellm.config import build, build_attention_encoder, build_neuron
+from spikellm.training.spike_loss import SpikeObjective
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -22,15 +23,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 class LanguageModelTask(pl.LightningModule):
     """What every causal-LM task shares: token-weighted validation perplexity, throughput
-    logging, and AdamW with warmup + cosine over ``hparams`` lr, weight_decay, betas,
-    warmup_steps, max_steps, min_lr_ratio. A subclass sets ``self.model`` and :meth:`training_loss`."""
+    logging, an optional spike-count term in the loss (``spike_loss``, see
+    :mod:`spikellm.training.spike_loss`), and AdamW with warmup + cosine over ``hparams`` lr,
+    weight_decay, betas, warmup_steps, max_steps, min_lr_ratio. A subclass sets ``self.model`` and
+    :meth:`training_loss`."""
 
     model: torch.nn.Module
 
-    def __init__(self):
+    def __init__(self, spike_loss: dict | None = None):
         super().__init__()
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
+        self.spike_objective = SpikeObjective.from_config(spike_loss)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -43,11 +47,23 @@ class LanguageModelTask(pl.LightningModule):
     def training_loss(self, batch) -> tuple[Tensor, int]:
         return self._loss(batch)
 
+    def on_train_start(self):
+        self.spike_objective.attach(self.model)
+
+    def on_train_end(self):
+        SpikeObjective().attach(self.model)  # stop recording
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, tokens = self.training_loss(batch)
         # the mean over every rank's batch: each rank has data.batch_size sequences of the same
         # length (full batches only), so the mean of the ranks' means is the global batch's mean
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        spike = self.spike_objective.collect(self.model) if self.spike_objective.enabled else None
+        if spike is not None:  # logged beside the task loss, which train/loss stays
+            spike_loss, spikes_per_activation = spike
+            self.log("train/spike_loss", spike_loss.detach(), sync_dist=True)
+            self.log("train/spikes_per_activation", spikes_per_activation, prog_bar=True, sync_dist=True)
+            loss = loss + spike_loss
         now = time.perf_counter()
         if self._last_step_end is not None:  # wall time of a whole step: data, forward, backward, update
             # tokens per second of all ranks together
@@ -111,8 +127,9 @@ class CausalLMTask(LanguageModelTask):
 
     def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000):
-        super().__init__()
+                 warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000,
+                 spike_loss: dict | None = None):
+        super().__init__(spike_loss)
         self.save_hyperparameters()
         encoder, weight_quantizer = build_neuron(neuron)
         options = neuron or {}
