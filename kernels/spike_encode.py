@@ -2,11 +2,12 @@
 one pass over ``x`` (DESIGN.md §2: the collapsed form every encoder shares).
 
 Every uniform-count encoder (ternary, IF, GIF, bit-plane) computes
-``n = clamp(round_half_up(x / Δ), low, high)`` with ``Δ = bound / levels`` per token; the bound is
-the token's ``max|x|`` (signed) or ``max(relu(x))`` (unsigned). With a per-channel step
-multiplier ``m`` (Optimal Brain Spiking) a channel uses ``Δ/m`` and bounds ``m·low, m·high``.
-The kernel computes exactly :func:`encode_counts_reference` (the library's own arithmetic: the
-fraction test of ``round_half_up``), so the counts are equal, not close.
+``n = clamp(round_half_away(x / Δ), low, high)`` (ties away from zero, so signed counts are
+symmetric) with ``Δ = bound / levels`` per token; the bound is the token's ``max|x|`` (signed) or
+``max(relu(x))`` (unsigned). With a per-channel step multiplier ``m`` (Optimal Brain Spiking) a
+channel uses ``Δ/m`` and bounds ``m·low, m·high``. The kernel computes exactly
+:func:`encode_counts_reference` (the library's own arithmetic: the fraction test of
+``round_half_away`` on ``|x / Δ|``), so the counts are equal, not close.
 """
 from __future__ import annotations
 
@@ -60,8 +61,11 @@ def _encode_kernel(x_ptr, step_ptr, scale_ptr, counts_ptr, mass_ptr, nonzero_ptr
         lo = lo * scale
         hi = hi * scale
     scaled = tl.div_rn(x, element_step)
-    whole = tl.floor(scaled)
-    counts = whole + ((scaled - whole) >= 0.5).to(tl.float32)
+    # round half away from zero on |x / Δ|, whose fraction is exact (see round_half_away)
+    magnitude = tl.abs(scaled)
+    whole = tl.floor(magnitude)
+    rounded = whole + ((magnitude - whole) >= 0.5).to(tl.float32)
+    counts = tl.where(scaled < 0, -rounded, rounded)
     counts = tl.minimum(tl.maximum(counts, lo), hi)
     counts = tl.where(inside, counts, 0.0)
     tl.store(counts_ptr + row * n_cols + cols, counts.to(counts_ptr.dtype.element_ty), mask=inside)

@@ -82,16 +82,16 @@ def test_spike_driven_matmul_equals_count_matmul(encoder):
     torch.testing.assert_close(by_spikes, counts @ weight, rtol=1e-5, atol=1e-6 * scale)
 
 
-def test_counts_round_half_up_and_saturate():
+def test_counts_round_half_away_from_zero_and_saturate():
     x = torch.tensor([[15.0, 2.5, 3.49999976, -0.5, -4.0, 0.4999999, 7.5]])  # absmax 15: step 1
     for encoder in (IFEncoder(bits=4), GIFEncoder(bits=4, levels=4), BitPlaneEncoder(bits=4)):
         counts, step = encoder.encode(x)
         assert torch.equal(step, torch.tensor([[1.0]]))
-        assert counts.tolist() == [[15, 3, 3, 0, 0, 0, 8]]  # negatives fire nothing when unsigned
+        assert counts.tolist() == [[15, 3, 3, 0, 0, 0, 8]]  # ties up; negatives fire nothing when unsigned
     for encoder in (IFEncoder(bits=5, signed=True), GIFEncoder(bits=5, signed=True),
                     BitPlaneEncoder(bits=5, signed=True)):
         counts, _ = encoder.encode(x)
-        assert counts.tolist() == [[15, 3, 3, 0, -4, 0, 8]]  # ties towards +inf on both sides
+        assert counts.tolist() == [[15, 3, 3, -1, -4, 0, 8]]  # ties away from zero on both sides
     # a huge outlier under gamma < 1 saturates at the top count instead of overflowing
     outlier = torch.tensor([[3e38] + [1.0] * 9])
     assert IFEncoder(bits=4, gamma=0.5).encode(outlier)[0][0, 0] == 15

@@ -54,7 +54,7 @@ def test_ternary_step_counts_and_clipping():
     x = torch.tensor([[7.0, 3.4, -3.5, 0.2, -7.0]])
     counts, step = TernaryEncoder(bits=4).encode(x)
     assert torch.equal(step, torch.tensor([[1.0]]))
-    assert counts.tolist() == [[7, 3, -3, 0, -7]]  # ties round towards +inf
+    assert counts.tolist() == [[7, 3, -4, 0, -7]]  # ties round away from zero
     clipped, _ = TernaryEncoder(bits=4, clip=2).encode(x)
     assert clipped.tolist() == [[2, 2, -2, 0, -2]]
 

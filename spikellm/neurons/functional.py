@@ -24,6 +24,22 @@ def round_half_up(v: Tensor) -> Tensor:
     return whole + (v - whole >= 0.5).to(v.dtype)
 
 
+def round_half_away(v: Tensor) -> Tensor:
+    """``sign(v) · floor(|v| + 1/2)``: round to nearest, ties away from zero, computed exactly.
+
+    The rounding of spike counts: symmetric, ``round_half_away(-v) == -round_half_away(v)`` also
+    at ties, so a signed code fires the mirror train for the mirror input. As in
+    :func:`round_half_up`, ``|v| + 0.5`` is never rounded in float: the fraction of ``|v|`` is
+    compared with 1/2, and ``|v| - floor(|v|)`` is exact (``floor(|v|)`` is 0 or within a factor 2
+    of ``|v|``), where ``v - floor(v)`` of a small negative ``v`` is not. No ``-0.0`` comes out;
+    ±inf stay, NaN stays NaN.
+    """
+    magnitude = v.abs()
+    whole = torch.floor(magnitude)
+    whole += magnitude.sub_(whole) >= 0.5
+    return whole.copysign_(v).add_(0.0)  # + 0.0: the -0.0 of a small negative becomes 0.0
+
+
 class _StraightThrough(torch.autograd.Function):
     """Returns ``quantized`` exactly; the gradient flows to ``x`` where ``passthrough`` is set
     (everywhere when it is None: nothing is saved for backward then)."""
@@ -52,12 +68,18 @@ def quantile_bound(magnitude: Tensor, gamma: float) -> Tensor:
     """Per-token clipping bound: the ``gamma`` quantile of ``magnitude`` over the last dim, kept dim.
 
     ``gamma == 1`` is the maximum. The quantile is the ``ceil(gamma * d)``-th smallest value (no
-    interpolation), so it is one of the token's own magnitudes.
+    interpolation), so it is one of the token's own magnitudes. A token whose quantile is 0 (at
+    least ``ceil(gamma * d)`` of its entries exactly zero: ReLU-sparse inputs such as OPT's fc2 or
+    RWKV's, or inputs after activation sparsification) takes its maximum instead, as with ``gamma = 1``:
+    a zero bound would give a vanishing step and saturate every non-zero at ``±Q``, while the
+    maximum fits them all. An all-zero token keeps the bound 0 (the step is floored, its counts 0).
     """
+    absmax = magnitude.amax(dim=-1, keepdim=True)
     if gamma >= 1.0:
-        return magnitude.amax(dim=-1, keepdim=True)
+        return absmax
     k = max(1, min(magnitude.shape[-1], math.ceil(gamma * magnitude.shape[-1])))
-    return magnitude.kthvalue(k, dim=-1, keepdim=True).values
+    quantile = magnitude.kthvalue(k, dim=-1, keepdim=True).values
+    return torch.where(quantile == 0, absmax, quantile)
 
 
 def causal_channel_bound(magnitude: Tensor) -> Tensor:
@@ -67,34 +89,44 @@ def causal_channel_bound(magnitude: Tensor) -> Tensor:
 
 
 def quantize_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
-    """Collapsed form of every encoder: ``clamp(round_half_up(x / Δ), low, high)`` in fp32 (bounds
-    ints or per-channel tensors; ``x / Δ = ±inf`` saturates). In place on its own temporaries,
-    since it runs on every projection input of every training step."""
-    scaled = x.float() / step
-    whole = torch.floor(scaled)
-    fraction = scaled.sub_(whole)  # exact, see round_half_up
-    return whole.add_(fraction.ge_(0.5)).clamp_(low, high)
+    """Collapsed form of every encoder: ``clamp(round_half_away(x / Δ), low, high)`` in fp32 (bounds
+    ints or per-channel tensors; ``x / Δ = ±inf`` saturates, NaN stays NaN). Ties go away from
+    zero, so signed codes are symmetric, ``counts(-x) == -counts(x)``; unsigned codes clamp at
+    ``low = 0``, where that is round half up. The clamp is in place on the rounding's temporary."""
+    return round_half_away(x.float() / step).clamp_(low, high)
+
+
+def _ternary_decisions(membrane: Tensor, emitted: Tensor) -> tuple[Tensor, Tensor]:
+    """The ternary neuron's firing decisions for this step, fp32 0/1 ``(up, down)``: the thresholds
+    ``±1/2``, both inclusive, and the polarity lock (no spike against the sign already emitted)."""
+    return ((membrane >= 0.5) & (emitted >= 0)).float(), ((membrane <= -0.5) & (emitted <= 0)).float()
 
 
 def ternary_spike_train(x: Tensor, step: Tensor, num_steps: int, limit=None) -> Tensor:
     """Temporal bidirectional neuron: ``[T, *x.shape]`` spikes in {-1, 0, +1} (fp32).
 
-    The membrane starts at ``x / Δ`` (in units of the threshold). Each step it fires +1 when
-    ``u >= 1/2`` or -1 when ``u < -1/2`` and subtracts what it fired (soft reset). It stops after
-    T steps, or after ``limit`` spikes (an int or a per-channel tensor, for channels given fewer
-    steps than T), which is what clamps the count (membrane clipping). The asymmetric comparison
-    makes a tie fire towards +inf, matching :func:`round_half_up`; subtracting ±1 from the
-    membrane is exact in fp32 whenever the neuron can still stop before its limit.
+    The membrane starts at ``u = x / Δ`` (in units of the threshold). Each step it fires +1 when
+    ``u >= 1/2`` or -1 when ``u <= -1/2`` and subtracts what it fired (soft reset). The polarity
+    is locked by the first spike: a neuron that has fired +1 never fires -1 within the train, and
+    the other way round (its emitted count never changes sign), so the residual ``∓1/2`` a tie
+    leaves behind does not fire back. Both thresholds inclusive and the lock make the count
+    ``sign(u) · floor(|u| + 1/2)``, :func:`round_half_away`: the mirror input fires the mirror
+    train. It stops after T steps, or after ``limit`` spikes (an int or a per-channel tensor, for
+    channels given fewer steps than T), which is what clamps the count (membrane clipping).
+    Subtracting ±1 from the membrane is exact in fp32 whenever the neuron can still stop before
+    its limit (``|u| < 2^24``); beyond, it fires every step up to its limit, as the count
+    saturates. A NaN membrane never fires.
     """
     membrane = x.float() / step
     budget = None if limit is None or isinstance(limit, int) and limit >= num_steps else limit
     emitted = torch.zeros_like(membrane)
     spikes = []
     for _ in range(num_steps):
-        fired = (membrane >= 0.5).float() - (membrane < -0.5).float()
+        up, down = _ternary_decisions(membrane, emitted)
+        fired = up - down
         if budget is not None:
             fired = fired * (emitted.abs() < budget)
-            emitted = emitted + fired
+        emitted = emitted + fired
         membrane = membrane - fired
         spikes.append(fired)
     return torch.stack(spikes) if spikes else membrane.new_zeros((0, *x.shape))
@@ -151,15 +183,17 @@ def ternary_surrogate_value(x: Tensor, step: Tensor, num_steps: int, limit=None,
 
     The same neuron, step for step (so the value is exactly the decoded count times Δ), with each
     firing decision given the arctan surrogate derivative and the gradient flowing through the
-    soft reset, as when a spiking network is trained unrolled in time.
+    soft reset, as when a spiking network is trained unrolled in time. The polarity lock gates the
+    firing only: a locked threshold still passes its surrogate derivative, as one not reached
+    does (the gradient differs from an unlocked neuron's only at exact ties); a spent spike budget
+    stops both.
     """
     membrane = x.float() / step
     budget = None if limit is None or isinstance(limit, int) and limit >= num_steps else limit
     emitted = torch.zeros_like(membrane)
     for _ in range(num_steps):
-        up = _SurrogateSpike.apply(membrane - 0.5, (membrane >= 0.5).float(), alpha)
-        down = _SurrogateSpike.apply(-0.5 - membrane, (membrane < -0.5).float(), alpha)
-        fired = up - down
+        up, down = _ternary_decisions(membrane.detach(), emitted.detach())
+        fired = _SurrogateSpike.apply(membrane - 0.5, up, alpha) - _SurrogateSpike.apply(-0.5 - membrane, down, alpha)
         if budget is not None:
             fired = fired * (emitted.detach().abs() < budget)
         emitted = emitted + fired

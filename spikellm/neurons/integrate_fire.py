@@ -10,7 +10,7 @@ from spikellm.neurons.uniform import UniformCountEncoder
 class IFEncoder(UniformCountEncoder):
     """IF rate code: count ``n`` fired as ``|n|`` binary spikes spread over ``T`` steps.
 
-    Collapsed form ``n = clamp(round_half_up(x / Δ), lo, hi)``. Temporal form: the classic
+    Collapsed form ``n = clamp(round_half_away(x / Δ), lo, hi)``. Temporal form: the classic
     soft-reset IF neuron (SpikingJelly ``IFNode(v_reset=None)``) driven by the constant current
     ``n / T`` of a threshold, i.e. integer current ``|n|`` against threshold ``T``, which fires
     exactly ``|n|`` spikes (:func:`~spikellm.neurons.rate_functional.if_spike_train`). Driving
