@@ -88,31 +88,38 @@ def test_tiny_spiking_hand_counts():
     report = estimate_llama(tiny(), 3, FP32, spikes_per_activation=rates, steps={"q_proj": 4, "down_proj": 8},
                             spiking_attention=0.5)
     layers = by_name(report)
-    # tokens × in × rate spikes, each adding one row of out entries
-    expected = {  # name: (macs, acs, spikes, activations, steps)
-        "layers.0.self_attn.q_proj": (0, 3 * 8 * 0.5 * 8, 12, 24, 4),  # 96 ACs
-        "layers.0.self_attn.k_proj": (0, 3 * 8 * 0.25 * 4, 6, 24, 0),  # 24 ACs
-        "layers.0.self_attn.v_proj": (96, 0, 0, 0, 0),
-        "layers.0.self_attn.o_proj": (192, 0, 0, 0, 0),
-        "layers.0.mlp.gate_proj": (384, 0, 0, 0, 0),
-        "layers.0.mlp.up_proj": (384, 0, 0, 0, 0),
-        "layers.0.mlp.down_proj": (0, 3 * 16 * 2.0 * 8, 96, 48, 8),  # 768 ACs
-        # K: 3 tokens × 4 channels × 0.5 spikes; key j (0-based) reaches the 3 - j queries i >= j of both
-        # query heads: 0.5 × 4 × (3 + 2 + 1) × 2 = 24; V likewise 24
-        "layers.0.self_attn.products": (0, 48, 0.5 * 2 * 3 * 4, 2 * 3 * 4, 0),
-        "lm_head": (240, 0, 0, 0, 0),
+    # tokens × in × rate spikes, each adding one row of out entries; Δ_t times each output per token
+    expected = {  # name: (macs, acs, scale_macs, spikes, activations, steps)
+        "layers.0.self_attn.q_proj": (0, 3 * 8 * 0.5 * 8, 3 * 8, 12, 24, 4),  # 96 ACs
+        "layers.0.self_attn.k_proj": (0, 3 * 8 * 0.25 * 4, 3 * 4, 6, 24, 0),  # 24 ACs
+        "layers.0.self_attn.v_proj": (96, 0, 0, 0, 0, 0),
+        "layers.0.self_attn.o_proj": (192, 0, 0, 0, 0, 0),
+        "layers.0.mlp.gate_proj": (384, 0, 0, 0, 0, 0),
+        "layers.0.mlp.up_proj": (384, 0, 0, 0, 0, 0),
+        "layers.0.mlp.down_proj": (0, 3 * 16 * 2.0 * 8, 3 * 8, 96, 48, 8),  # 768 ACs
+        # V per token: 3 tokens × 4 channels × 0.5 spikes; value j (0-based) reaches the 3 - j queries
+        # i >= j of both query heads: 0.5 × 4 × (3 + 2 + 1) × 2 = 24 ACs, and P_ij·Δ_Vj once per pair and
+        # head: 6 × 2 = 12 scale MACs. K per channel: the non-zero key elements (at most min(1, 0.5) of
+        # them) times each of those queries: 0.5 × 4 × 6 × 2 = 24 MACs, and Δ·n of each: 0.5 × 12 = 6.
+        "layers.0.self_attn.products": (24, 24, 12 + 6, 0.5 * 2 * 3 * 4, 2 * 3 * 4, 0),
+        "lm_head": (240, 0, 0, 0, 0, 0),
     }
-    for name, (macs, acs, spikes, activations, steps) in expected.items():
+    for name, (macs, acs, scale, spikes, activations, steps) in expected.items():
         layer = layers[name]
-        assert (layer.macs, layer.acs, layer.spikes, layer.activations, layer.steps) == \
-            (macs, acs, spikes, activations, steps), name
+        assert (layer.macs, layer.acs, layer.scale_macs, layer.spikes, layer.activations, layer.steps) == \
+            (macs, acs, scale, spikes, activations, steps), name
         assert layer.dense_macs == TINY_DENSE[name], name
     assert layers["layers.0.self_attn.q_proj"].firing_rate == pytest.approx(0.5 / 4)
     assert layers["layers.0.self_attn.q_proj"].spikes_per_activation == pytest.approx(0.5)
     assert layers["layers.0.self_attn.k_proj"].firing_rate is None  # steps unknown
-    assert report.acs == 96 + 24 + 768 + 48
-    assert report.macs == 96 + 192 + 384 + 384 + 240
+    assert report.acs == 96 + 24 + 768 + 24
+    assert report.macs == 96 + 192 + 384 + 384 + 240 + 24 + (24 + 12 + 24 + 18)
     assert report.dense_macs == 2064
+
+    # keys per token: the K side is accumulates too, with its own scale products
+    token_keys = by_name(estimate_llama(tiny(), 3, FP32, spiking_attention=0.5, key_granularity="token"))
+    products = token_keys["layers.0.self_attn.products"]
+    assert (products.macs, products.acs, products.scale_macs) == (0, 48, 24)
 
 
 def test_zero_spikes_cost_nothing_but_dense_macs_stay():
@@ -133,12 +140,19 @@ def test_spiking_7b_ratio_and_to_dict():
     rate = 0.6  # E_AC × rate = 0.54 pJ < E_MAC = 4.6 pJ
     report = estimate_llama(llama2_7b(), 1024, FP32, spikes_per_activation=rate, steps=4, spiking_attention=rate)
     assert 0 < report.ratio_to_dense < 1
-    # every matmul but the head becomes rate × dense ACs
     dense = estimate_llama(llama2_7b(), 1024, FP32)
     head = 1024 * 4096 * 32000
-    assert report.acs == pytest.approx(rate * (dense.macs - head))
-    assert report.macs == head
-    assert report.joules == pytest.approx((head * 4.6 + rate * (dense.macs - head) * 0.9) * 1e-12)
+    attention = 32 * 32 * 2 * 128 * (1024 * 1025 // 2)
+    projections = dense.macs - head - attention
+    # every projection's dense MACs become rate × ACs, plus Δ_t once per output and token
+    outputs = 1024 * 32 * (4 * 4096 + 2 * 11008 + 4096)  # Σ tokens × out
+    # attention: V per token, rate × its dense MACs as ACs and one P·Δ_V per (query, key) pair and head;
+    # K per channel: the non-zero key elements (min(1, rate) of them) times their queries, as MACs
+    pairs = 32 * 32 * (1024 * 1025 // 2)
+    key_elements = rate * 1024 * 32 * 4096
+    assert report.acs == pytest.approx(rate * projections + rate * attention / 2)
+    assert report.macs == pytest.approx(head + outputs + rate * attention / 2 + pairs + key_elements)
+    assert report.joules == pytest.approx((report.macs * 4.6 + report.acs * 0.9) * 1e-12)
     assert all(layer.firing_rate == pytest.approx(rate / 4) for layer in report.layers if layer.kind != "lm_head")
 
     result = report.to_dict()
@@ -171,6 +185,10 @@ def test_seq_len_scales_attention_quadratically():
     ({"steps": -1}, "steps"),
     ({"steps": {"attention": -2}}, "steps.attention"),
     ({"spiking_attention": -0.5}, "spiking_attention"),
+    ({"spikes_per_activation": 0.5, "nonzero": 0.6}, "nonzero"),  # a non-zero count fires at least one spike
+    ({"spikes_per_activation": 0.5, "nonzero": {"q_proj": -0.1}}, "nonzero.q_proj"),
+    ({"spike_level": 0.5}, "spike_level"),
+    ({"key_granularity": "head"}, "key_granularity"),
     ({"cost": "horowitz45_fp32"}, "cost"),
 ])
 def test_invalid_arguments_name_the_key(kwargs, key):
@@ -194,8 +212,8 @@ def test_matches_the_counter_on_a_dense_model():
         model(torch.randint(0, config.vocab_size, (2, 3)))
     counted = counter.report(FP32)
     estimated = estimate_llama(config, 3, FP32, sequences=2)
-    assert [(layer.name, layer.kind, layer.macs, layer.acs, layer.dense_macs) for layer in counted.layers] == \
-        [(layer.name, layer.kind, layer.macs, layer.acs, layer.dense_macs) for layer in estimated.layers]
+    assert [(layer.name, layer.kind, layer.counts()) for layer in counted.layers] == \
+        [(layer.name, layer.kind, layer.counts()) for layer in estimated.layers]  # every raw count
     assert (counted.tokens, counted.sequences) == (estimated.tokens, estimated.sequences)
 
 

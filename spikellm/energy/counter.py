@@ -1,17 +1,49 @@
 """Exact operation counts of a model run, from the spike counts its encoders produce.
 
 Nothing is estimated from tensor values: dense MACs follow from shapes, accumulates from the
-integer spike counts, ``ACs = Σ_t nnz(s_t) × fan_out``, where the number of non-zero spikes of an
-activation is the encoder's closed form of its count (``spikes_per_count``; a multi-level GIF spike
-is one event). Counted:
+integer spike counts. The counts are raw facts (:class:`~spikellm.energy.report.LayerOps`); what
+they cost, memory included, is the cost model's business (:mod:`spikellm.energy.report`).
 
-* every projection: without an encoder, MACs ``nnz(x) × out`` (an input of exactly zero, as
+Where the counts come from: every encoded input goes through :func:`record_encoded` (the encoder,
+its counts, its outlier stream and the fan-out of each element), the one place that turns counts
+into operations. The hooks below re-encode each input (``encoder.encode(x)``), so the counts are
+exactly those of the forward; swapping that data source (per-forward tallies of the encoders) is a
+change to the hooks only. Counted:
+
+* **spike-driven work.** A spike of an input element adds its weight row (or, in attention, its
+  product entry) to every output it reaches: ``sops = Σ spikes × fan_out`` synaptic operations,
+  with the number of spikes of a count in closed form (``encoder.spikes_per_count``: ``|n|`` for
+  binary and ternary codes, ``ceil(|n| / (L-1))`` for a GIF neuron of L levels). A GIF spike
+  carries a level ``k <= L-1``: the summed levels of a count are ``|n|`` (``level_sops``), and the
+  spikes of encoders with ``L > 2`` are ``graded_sops``, priced by the cost model's
+  ``graded_spike``. Binary, ternary, IF and bit-plane spikes have level 1.
+* **scale products.** The sum of spike rows is in units of the step: with a step per token ``Δ_t``
+  each output is multiplied once, ``tokens × out`` ``scale_macs`` per projection (tokens with a
+  non-zero element only; twice where allocated channels take their own per-token bound: two
+  partial sums). With a step per
+  (token, channel) (``granularity="channel"``) the step cannot leave the sum: every non-zero
+  element becomes a number ``n·Δ`` (one multiply) and multiplies each of its outputs (a MAC).
+* **projections**: without an encoder, MACs ``nnz(x) × out`` (an input of exactly zero, as
   activation sparsity makes them, multiplies nothing on an event-driven core; ``dense_macs`` keeps
-  ``tokens × in × out``), else ACs ``spikes × out`` (and the sparse outlier stream, one MAC per
-  output per outlier event);
-* attention products, causal: token ``i`` attends to ``j <= i``, so ``Q·Kᵀ`` and ``P·V`` each cost
-  ``Σ_i (i + 1) × head_dim`` MACs per query head; with spiking K (V), each spike of key (value)
-  ``j`` adds one entry for each of the ``T - j`` queries and each query head of its group;
+  ``tokens × in × out``); with one, the synaptic operations above plus the sparse outlier stream,
+  one MAC per output per outlier.
+* **attention products**, causal: token ``i`` attends to ``j <= i``, so float ``Q·Kᵀ`` and ``P·V``
+  each cost ``Σ_i (i + 1) × head_dim`` MACs per query head. With spiking K and V, an element of key
+  (value) ``j`` reaches the ``T - j`` queries ``i >= j`` of each query head of its group
+  (``fan_out = (T - j) × n_heads / n_kv_heads``):
+
+  - V per token: ``out_i = Σ_j (P_ij · Δ_Vj) Σ_t s^V_jt``: one multiply ``P_ij · Δ_Vj`` per
+    (query, key) pair and query head, ``n_heads × T(T+1)/2`` ``scale_macs`` per sequence (pairs
+    whose value has a non-zero element in that head), then
+    each spike of value ``j`` adds that product: ``sops = Σ spikes_j × fan_out_j``;
+  - K per token, likewise: ``score_ij = Δ_Kj Σ_c q_ic n_jc``, a synaptic operation per spike and
+    query, one scale multiply per pair and query head;
+  - K per channel (the default): ``score_ij = Σ_c q_ic · Δ_jc n_jc`` with ``Δ_jc`` varying with
+    ``j`` and ``c``: each non-zero key element is a number (one multiply) and every query of its
+    group multiplies it, ``Σ_{(j,c): n_jc != 0} fan_out_j`` MACs and no accumulates.
+
+  The outlier stream of K and V adds one MAC per fan-out. Softmax, the scores, P and the KV cache's
+  memory are not counted.
 * the MatMul-free LM's recurrence ``h_t = f_t ⊙ h_{t-1} + (1 - f_t) ⊙ c_t``: two MACs per channel
   and token (kind ``recurrence``), the work that replaces the attention products;
 * the lm_head, ``tokens × dim × vocab`` MACs.
@@ -23,10 +55,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from spikellm.energy.cost import CostModel
 from spikellm.energy.report import EnergyReport, LayerOps
+from spikellm.neurons.base import SpikeEncoder
 from spikellm.nn.hadamard import hadamard_transform
 from spikellm.nn.spiking_linear import SpikingLinear
 
@@ -93,47 +126,44 @@ class OperationCounter:
             x = inputs[0]
             tokens = x.numel() // layer.in_features
             ops = self._layer(name, "projection")
+            ops.tokens += tokens
+            ops.in_features, ops.out_features = layer.in_features, layer.out_features
             ops.dense_macs += tokens * layer.in_features * layer.out_features
             if layer.encoder is None:
-                ops.macs += (x != 0).sum().item() * layer.out_features
+                nonzero = (x != 0).sum().item()
+                ops.nonzero_inputs += nonzero
+                ops.float_inputs += nonzero
+                ops.macs += nonzero * layer.out_features
                 return
             encoder = layer.encoder
             seen = hadamard_transform(x) if layer.rotate else x
             counts, step = encoder.encode(seen)
-            spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64).item()
-            ops.spikes += spikes
-            ops.activations += counts.numel()
-            ops.steps = encoder.num_steps
-            ops.acs += spikes * layer.out_features
-            outliers = encoder.outlier_counts(seen, step, counts)
-            if outliers is not None:
-                ops.macs += (outliers != 0).sum().item() * layer.out_features
+            record_encoded(ops, encoder, counts, encoder.outlier_counts(seen, step, counts), layer.out_features)
         return hook
 
     def _attention_hook(self, name: str, attention):
         def hook(module, inputs, output):
             batch, seq = inputs[0].shape[0], inputs[0].shape[1]
             # query i attends to keys 0..i: Σ_i (i + 1) = T(T+1)/2 pairs per query head and sequence
-            dense = 2 * batch * attention.n_heads * seq * (seq + 1) // 2 * attention.head_dim  # Q·Kᵀ and P·V
+            pairs = batch * attention.n_heads * seq * (seq + 1) // 2
             ops = self._layer(f"{name}.products", "attention")
-            ops.dense_macs += dense
+            ops.tokens += batch * seq
+            ops.dense_macs += 2 * pairs * attention.head_dim  # Q·Kᵀ and P·V
             if attention.encoder is None:
-                ops.macs += dense
+                ops.macs += 2 * pairs * attention.head_dim
         return hook
 
     def _attention_encoder_hook(self, name: str, attention):
         @torch.no_grad()
         def hook(encoder, inputs, output):
             x = inputs[0]  # K after RoPE, or V: [B, H_kv, T, D]
-            counts, _ = encoder.encode(x)
-            spikes = encoder.spikes_per_count(counts).sum(dim=-1, dtype=torch.float64)  # [B, H_kv, T]
+            counts, step = encoder.encode(x)
             seq = x.shape[-2]
-            queries = torch.arange(seq, 0, -1, device=x.device, dtype=torch.float64)  # T - j see key j
-            ops = self._layer(f"{name}.products", "attention")
-            ops.acs += (spikes * queries).sum().item() * (attention.n_heads // attention.n_kv_heads)
-            ops.spikes += spikes.sum().item()
-            ops.activations += counts.numel()
-            ops.steps = max(ops.steps, encoder.num_steps)
+            # key/value j reaches the T - j queries i >= j of every query head of its group
+            queries = torch.arange(seq, 0, -1, device=x.device, dtype=torch.float64)
+            fan_out = (queries * (attention.n_heads // attention.n_kv_heads)).unsqueeze(-1)  # [T, 1]
+            record_encoded(self._layer(f"{name}.products", "attention"), encoder, counts,
+                           encoder.outlier_counts(x, step, counts), fan_out)
         return hook
 
     def _recurrence_hook(self, name: str):
@@ -148,6 +178,10 @@ class OperationCounter:
         def hook(layer: nn.Linear, inputs, output):
             tokens = inputs[0].numel() // layer.in_features
             ops = self._layer(name, "lm_head")
+            ops.tokens += tokens
+            ops.in_features, ops.out_features = layer.in_features, layer.out_features
+            ops.nonzero_inputs += tokens * layer.in_features  # the head multiplies every input
+            ops.float_inputs += tokens * layer.in_features
             ops.macs += tokens * layer.in_features * layer.out_features
             ops.dense_macs += tokens * layer.in_features * layer.out_features
         return hook
@@ -157,3 +191,72 @@ class OperationCounter:
                         key=lambda ops: self._order[ops.name.removesuffix(".products").removesuffix(".recurrence")])
         return EnergyReport(cost=cost, tokens=self.tokens, sequences=self.sequences, layers=layers)
 
+
+def spike_levels(encoder: SpikeEncoder, counts: Tensor, spikes: Tensor) -> Tensor:
+    """Summed levels of the spikes of each count: ``|n|`` for a GIF neuron (its spikes of level up
+    to L-1 add up to the count), ``spikes`` for codes whose spikes all have level 1."""
+    return counts.abs().to(spikes.dtype) if graded(encoder) else spikes
+
+
+def graded(encoder: SpikeEncoder) -> bool:
+    """Whether the encoder's spikes carry a level above 1 (a GIF neuron with L > 2)."""
+    from spikellm.neurons.gif import GIFEncoder
+
+    return isinstance(encoder, GIFEncoder) and getattr(encoder, "levels", 2) > 2
+
+
+def token_steps(encoder: SpikeEncoder) -> int:
+    """Steps a token's sum of spike rows is multiplied by: one, or two where the allocated channels
+    take their own per-token bound (separate clusters; a channel's ``2^addbit`` is a shift)."""
+    scale, separate = encoder.channel_scale, encoder.separate_clusters
+    if scale is None or separate is None or not bool(separate):
+        return 1
+    salient = scale > 1
+    return 2 if bool(salient.any()) and not bool(salient.all()) else 1
+
+
+@torch.no_grad()
+def record_encoded(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outliers: Tensor | None,
+                   fan_out: int | Tensor) -> None:
+    """Add one encoded input to ``ops``: ``counts`` (and the ``outliers`` stream, or None) of the
+    input elements, each reaching ``fan_out`` outputs (an int, or a tensor that broadcasts against
+    ``counts``: the queries of each key). The one place where counts become operations (see the
+    module docstring); a per-channel step turns each non-zero element's work into MACs."""
+    spikes = encoder.spikes_per_count(counts).to(torch.float64)
+    levels = spike_levels(encoder, counts, spikes)
+    counted = counts != 0
+    nonzero = counted if outliers is None else counted | (outliers != 0)
+    fan = fan_out if isinstance(fan_out, Tensor) else torch.tensor(float(fan_out), dtype=torch.float64)
+    fan = fan.to(device=counts.device, dtype=torch.float64)
+
+    def reach(per_element: Tensor) -> float:  # Σ per_element × fan_out
+        return (per_element * fan).sum().item()
+
+    ops.encoded = True
+    ops.spikes += spikes.sum().item()
+    ops.spike_levels += levels.sum().item()
+    ops.activations += counts.numel()
+    ops.nonzero_inputs += nonzero.sum().item()
+    ops.steps = max(ops.steps, encoder.num_steps)
+    if graded(encoder):
+        ops.graded_spikes += spikes.sum().item()
+    if encoder.granularity == "channel":  # n·Δ_c once per element, then a product per output
+        elements = counted.sum().item()
+        ops.scale_macs += elements
+        ops.float_inputs += elements
+        ops.macs += reach(counted.to(torch.float64))
+    else:
+        sops = reach(spikes)
+        ops.sops += sops
+        ops.level_sops += reach(levels)
+        if graded(encoder):
+            ops.graded_sops += sops
+        # the step of a token (key, value) times each output its elements reached, once per token
+        # with a non-zero element: Δ_t·Σ rows per output, P_ij·Δ_Vj / q_i·Δ_Kj per query and head
+        rows = nonzero.any(dim=-1).to(torch.float64)
+        ops.scale_macs += (rows * (fan.squeeze(-1) if fan.dim() else fan)).sum().item() * token_steps(encoder)
+    if outliers is not None:
+        stream = (outliers != 0).to(torch.float64)
+        ops.outliers += stream.sum().item()
+        ops.float_inputs += stream.sum().item()
+        ops.macs += reach(stream)

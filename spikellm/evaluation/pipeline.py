@@ -116,7 +116,7 @@ def print_results(results: dict, report) -> None:
                               "" if stderr is None else f"± {100 * stderr:.2f}")
     if report is not None:
         table.add_row("energy / token", joules_text(report.per_token(report.joules)),
-                      f"{report.ratio_to_dense:.3f}× dense, {report.cost.name}")
+                      f"{report.ratio_to_dense:.3f}× dense, {report.cost.name} ({report.cost.charges()})")
     for kind, path in results.get("files", {}).items():
         if path:
             table.add_row(kind.replace("_", " "), path, "")
