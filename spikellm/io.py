@@ -114,11 +114,20 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
 
 
 def atomic_write_json(path, data) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
-    kill) never sees half a file. A write the disk refuses is a :class:`DataError` naming ``path``;
-    the temporary file is removed and a previous ``path`` is left as it was."""
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write_text`)."""
     import json
 
+    return _atomic_write(path, lambda f: json.dump(data, f, indent=2, default=str))
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a kill)
+    never sees half a file. A write the disk refuses is a :class:`DataError` naming ``path``; the
+    temporary file is removed and a previous ``path`` is left as it was."""
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def _atomic_write(path, write) -> Path:
     path = Path(path)
     existed = path.exists()
     tmp = None
@@ -126,7 +135,7 @@ def atomic_write_json(path, data) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+            write(f)
         os.replace(tmp, path)
     except BaseException as error:
         if tmp is not None:

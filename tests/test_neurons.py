@@ -86,8 +86,8 @@ def test_forward_is_counts_times_step_with_straight_through_gradient():
     counts, step = encoder.encode(x)
     assert torch.equal(out, counts * step)
     out.sum().backward()
-    bound = (encoder.max_count + 0.5) * step
-    expected = (x.detach().abs() <= bound).float()
+    # the window of LSQ / PACT-style clipping: x/Δ within [-Q, Q], not the rounding's [-Q-½, Q+½]
+    expected = ((x.detach() / step).abs() <= encoder.max_count).float()
     assert torch.equal(x.grad, expected)
     assert 0 < expected.mean() < 1  # gamma < 1 clips some activations
 

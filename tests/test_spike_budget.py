@@ -179,3 +179,57 @@ def test_train_py_logs_the_spike_loss_beside_the_task_loss(config_factory, tmp_p
     assert rows and all(float(row["train/spike_loss"]) >= 0 and float(row["train/loss"]) > 0 for row in rows)
     assert all(float(row["train/spikes_per_activation"]) > 0 for row in rows)
     assert result.steps == 4
+
+
+# ---- the sweep and its Pareto picture ---------------------------------------------------------
+def test_every_budget_point_composes():
+    from conftest import CONF, compose
+
+    for option in sorted(p.stem for p in (CONF / "budget").glob("*.yaml")):
+        cfg = compose([f"budget={option}"], CONF.parent / "unused")
+        assert (cfg.neuron.get("encoder") is None) == (option == "dense"), option
+
+
+def test_multirun_sweep_then_pareto_table_and_figure(tmp_path):
+    """``train.py -m`` over two budget points writes a run each with summary.json and energy.json;
+    ``spikellm-pareto`` reads the sweep, prices it on two cost models and draws the front."""
+    from conftest import run_script
+
+    from spikellm.energy import pareto
+
+    sweep = tmp_path / "sweep"
+    done = run_script("train.py", "-m", "experiment=smoke", "budget=dense,mean_k1", "callbacks=default", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "logger=none", f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = pareto.find_runs([sweep])
+    assert len(runs) == 2
+    assert pareto.main([str(sweep), "--cost", "horowitz45_fp32", "seneca", "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "pareto.md").read_text()
+    assert "budget=dense" in table and "budget=mean_k1" in table and "(dense)" in table
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    from spikellm.energy import load_cost_model
+
+    points = [pareto.read_run(run) for run in runs]
+    cost = load_cost_model("horowitz45_fp32")
+    pareto.price(points, [cost])
+    front = pareto.pareto_front(points, cost.name)
+    assert front and all(p in points for p in front)
+    assert [p.dense for p in points].count(True) == 1
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from spikellm.energy.pareto import RunPoint, pareto_front
+
+    def point(energy, ppl):
+        p = RunPoint(label=f"{energy}/{ppl}", directory=None, val_ppl=ppl, spikes_per_activation=None, report=None)
+        p.priced["c"] = {"uj_per_token": energy}
+        return p
+
+    points = [point(1, 10), point(2, 8), point(3, 9), point(4, 5), point(2, 12)]
+    assert [p.label for p in pareto_front(points, "c")] == ["1/10", "2/8", "4/5"]
+
+
+def test_pareto_refuses_a_directory_without_runs(tmp_path):
+    from spikellm.energy.pareto import main
+
+    assert main([str(tmp_path)]) == 2

@@ -4,11 +4,13 @@ Nothing is estimated from tensor values: dense MACs follow from shapes, accumula
 integer spike counts. The counts are raw facts (:class:`~spikellm.energy.report.LayerOps`); what
 they cost, memory included, is the cost model's business (:mod:`spikellm.energy.report`).
 
-Where the counts come from: every encoded input goes through :func:`record_encoded` (the encoder,
-its counts, its outlier stream and the fan-out of each element), the one place that turns counts
-into operations. The hooks below re-encode each input (``encoder.encode(x)``), so the counts are
-exactly those of the forward; swapping that data source (per-forward tallies of the encoders) is a
-change to the hooks only. Counted:
+Where the counts come from: a projection's encoder keeps a per-forward
+:class:`~spikellm.neurons.stats.SpikeTally` while the counter is attached (the sums of the counts
+it produced: spikes, spike levels, non-zero inputs, tokens with a spike, outlier events), so the
+counter neither re-encodes an input nor disturbs the forward (q/k/v still share one encoding, and
+the kernel path tallies its own counts); :func:`record_tally` turns them into operations. The
+attention encoders' elements reach a different number of queries per position, so their hooks
+pass the counts themselves to :func:`record_encoded`. Both follow the same rules:
 
 * **spike-driven work.** A spike of an input element adds its weight row (or, in attention, its
   product entry) to every output it reaches: ``sops = Σ spikes × fan_out`` synaptic operations,
@@ -60,7 +62,7 @@ from torch import Tensor, nn
 from spikellm.energy.cost import CostModel
 from spikellm.energy.report import EnergyReport, LayerOps
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.nn.hadamard import hadamard_transform
+from spikellm.neurons.stats import SpikeTally
 from spikellm.nn.spiking_linear import SpikingLinear
 
 
@@ -80,9 +82,13 @@ class OperationCounter:
         self.sequences = 0
         self._handles = []
         self._order: dict[str, int] = defaultdict(int)
+        self._tallied: dict[str, SpikingLinear] = {}  # encoded projections, counted from their tallies
         for index, (name, module) in enumerate(model.named_modules()):
             self._order[name] = index
-            if isinstance(module, SpikingLinear):
+            if isinstance(module, SpikingLinear) and module.encoder is not None:
+                module.encoder.tally = SpikeTally()
+                self._tallied[name] = module
+            elif isinstance(module, SpikingLinear):
                 self._handles.append(module.register_forward_hook(self._projection_hook(name)))
             elif isinstance(module, Attention):
                 self._handles.append(module.register_forward_hook(self._attention_hook(name, module)))
@@ -92,7 +98,7 @@ class OperationCounter:
                 self._handles.append(module.register_forward_hook(self._recurrence_hook(name)))
             elif isinstance(module, nn.Linear) and name.endswith("lm_head"):
                 self._handles.append(module.register_forward_hook(self._head_hook(name)))
-        if not self._handles:
+        if not self._handles and not self._tallied:
             raise ValueError("the model has no SpikingLinear, attention or lm_head to count")
         self._handles.append(model.register_forward_pre_hook(self._count_tokens, with_kwargs=True))
 
@@ -111,9 +117,20 @@ class OperationCounter:
         self.remove()
 
     def remove(self) -> None:
+        self._fold_tallies()
+        for layer in self._tallied.values():
+            layer.encoder.tally = None
+        self._tallied.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _fold_tallies(self) -> None:
+        """Move what the projections' tallies hold into their operation counts (fresh tallies)."""
+        for name, layer in self._tallied.items():
+            tally, layer.encoder.tally = layer.encoder.tally, SpikeTally()
+            if tally is not None and tally.activations:
+                record_tally(self._layer(name, "projection"), layer, tally)
 
     def _layer(self, name: str, kind: str) -> LayerOps:
         if name not in self.ops:
@@ -122,23 +139,14 @@ class OperationCounter:
 
     def _projection_hook(self, name: str):
         @torch.no_grad()
-        def hook(layer: SpikingLinear, inputs, output):
+        def hook(layer: SpikingLinear, inputs, output):  # a float projection: MACs of its non-zero inputs
             x = inputs[0]
-            tokens = x.numel() // layer.in_features
             ops = self._layer(name, "projection")
-            ops.tokens += tokens
-            ops.in_features, ops.out_features = layer.in_features, layer.out_features
-            ops.dense_macs += tokens * layer.in_features * layer.out_features
-            if layer.encoder is None:
-                nonzero = (x != 0).sum().item()
-                ops.nonzero_inputs += nonzero
-                ops.float_inputs += nonzero
-                ops.macs += nonzero * layer.out_features
-                return
-            encoder = layer.encoder
-            seen = hadamard_transform(x) if layer.rotate else x
-            counts, step = encoder.encode(seen)
-            record_encoded(ops, encoder, counts, encoder.outlier_counts(seen, step, counts), layer.out_features)
+            _add_shape(ops, layer, x.numel() // layer.in_features)
+            nonzero = (x != 0).sum().item()
+            ops.nonzero_inputs += nonzero
+            ops.float_inputs += nonzero
+            ops.macs += nonzero * layer.out_features
         return hook
 
     def _attention_hook(self, name: str, attention):
@@ -187,15 +195,10 @@ class OperationCounter:
         return hook
 
     def report(self, cost: CostModel) -> EnergyReport:
+        self._fold_tallies()
         layers = sorted(self.ops.values(),
                         key=lambda ops: self._order[ops.name.removesuffix(".products").removesuffix(".recurrence")])
         return EnergyReport(cost=cost, tokens=self.tokens, sequences=self.sequences, layers=layers)
-
-
-def spike_levels(encoder: SpikeEncoder, counts: Tensor, spikes: Tensor) -> Tensor:
-    """Summed levels of the spikes of each count: ``|n|`` for a GIF neuron (its spikes of level up
-    to L-1 add up to the count), ``spikes`` for codes whose spikes all have level 1."""
-    return counts.abs().to(spikes.dtype) if graded(encoder) else spikes
 
 
 def graded(encoder: SpikeEncoder) -> bool:
@@ -215,6 +218,42 @@ def token_steps(encoder: SpikeEncoder) -> int:
     return 2 if bool(salient.any()) and not bool(salient.all()) else 1
 
 
+def _add_shape(ops: LayerOps, layer, tokens: int) -> None:
+    ops.tokens += tokens
+    ops.in_features, ops.out_features = layer.in_features, layer.out_features
+    ops.dense_macs += tokens * layer.in_features * layer.out_features
+
+
+def record_tally(ops: LayerOps, layer: SpikingLinear, tally) -> None:
+    """Add a projection's tallied forwards to ``ops``: :func:`record_encoded`'s rules with the
+    fan-out of every element ``out_features``, from the tally's sums."""
+    encoder, out = layer.encoder, layer.out_features
+    numbers = tally.as_numbers()
+    _add_shape(ops, layer, numbers["activations"] // layer.in_features)
+    spikes, levels, nonzero = numbers["spikes"], numbers["levels"], numbers["nonzero"]
+    ops.encoded = True
+    ops.spikes += spikes
+    ops.spike_levels += levels
+    ops.activations += numbers["activations"]
+    ops.nonzero_inputs += nonzero  # an outlier rides on a saturated, non-zero count
+    ops.steps = max(ops.steps, encoder.num_steps)
+    if graded(encoder):
+        ops.graded_spikes += spikes
+    if encoder.granularity == "channel":
+        ops.scale_macs += nonzero
+        ops.float_inputs += nonzero
+        ops.macs += nonzero * out
+    else:
+        ops.sops += spikes * out
+        ops.level_sops += levels * out
+        if graded(encoder):
+            ops.graded_sops += spikes * out
+        ops.scale_macs += numbers["active_rows"] * out * token_steps(encoder)
+    ops.outliers += numbers["outlier_events"]
+    ops.float_inputs += numbers["outlier_events"]
+    ops.macs += numbers["outlier_events"] * out
+
+
 @torch.no_grad()
 def record_encoded(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outliers: Tensor | None,
                    fan_out: int | Tensor) -> None:
@@ -223,7 +262,7 @@ def record_encoded(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outlier
     ``counts``: the queries of each key). The one place where counts become operations (see the
     module docstring); a per-channel step turns each non-zero element's work into MACs."""
     spikes = encoder.spikes_per_count(counts).to(torch.float64)
-    levels = spike_levels(encoder, counts, spikes)
+    levels = encoder.spike_levels(counts).to(torch.float64)
     counted = counts != 0
     nonzero = counted if outliers is None else counted | (outliers != 0)
     fan = fan_out if isinstance(fan_out, Tensor) else torch.tensor(float(fan_out), dtype=torch.float64)

@@ -301,12 +301,19 @@ class EnergyReport:
         bottom.set_ylabel("µJ / token")
         bottom.legend(fontsize=7)
         bottom.tick_params(axis="x", rotation=90, labelsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure (its directory made as needed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def short_name(name: str) -> str:

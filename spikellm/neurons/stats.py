@@ -107,18 +107,23 @@ class SpikeTally:
     spikes: Tensor | float = 0.0
     levels: Tensor | float = 0.0
     nonzero: Tensor | int = 0
+    active_rows: Tensor | int = 0  # tokens (rows of the last dim) with at least one non-zero count
     outlier_events: Tensor | int = 0
 
     @classmethod
     @torch.no_grad()
     def of(cls, encoder, counts: Tensor, outliers: Tensor | None = None, spikes: Tensor | None = None) -> "SpikeTally":
         """The tally of one encoding (``spikes``: its spike count when already summed)."""
-        finite = torch.isfinite(counts)
-        counts = torch.where(finite, counts, 0)  # a diverged input fires nothing (as in SpikeStats)
-        if spikes is None or not bool(finite.all()):
+        from spikellm.neurons.base import SpikeEncoder
+
+        # a diverged (NaN) input makes NaN totals: the figures say so rather than hide it
+        if spikes is None:
             spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
-        levels = encoder.spike_levels(counts).sum(dtype=torch.float64)
-        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=(counts != 0).sum(),
+        levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
+            encoder.spike_levels(counts).sum(dtype=torch.float64)
+        fired = counts != 0
+        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=fired.sum(),
+                   active_rows=fired.any(dim=-1).sum() if counts.dim() else fired.sum(),
                    outlier_events=0 if outliers is None else (outliers != 0).sum())
 
     def add(self, other: "SpikeTally") -> None:
@@ -126,11 +131,13 @@ class SpikeTally:
         self.spikes = self.spikes + other.spikes
         self.levels = self.levels + other.levels
         self.nonzero = self.nonzero + other.nonzero
+        self.active_rows = self.active_rows + other.active_rows
         self.outlier_events = self.outlier_events + other.outlier_events
 
     def as_numbers(self) -> dict:
         return {"activations": self.activations, "spikes": float(self.spikes), "levels": float(self.levels),
-                "nonzero": int(self.nonzero), "outlier_events": int(self.outlier_events)}
+                "nonzero": int(self.nonzero), "active_rows": int(self.active_rows),
+                "outlier_events": int(self.outlier_events)}
 
 
 def tally_spikes(model: nn.Module, enabled: bool = True) -> None:

@@ -152,7 +152,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
                    if trainer.is_global_zero else None)
     # data.batch_size is per process: a step trains on world_size of them
     tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size * trainer.world_size
-    return TrainResult(
+    result = TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
         tokens_seen=trainer.global_step * tokens_per_step, seconds=time.perf_counter() - start,
         val_loss=float(final["val/loss"]), val_ppl=float(final["val/ppl"]),
@@ -163,6 +163,37 @@ def run_training(cfg: DictConfig) -> TrainResult:
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
         spiking_checkpoint=spiking, rank=trainer.global_rank,
     )
+    if trainer.is_global_zero:
+        write_summary(result, cfg)
+    return result
+
+
+def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
+    """``<run>/summary.json``: the final figures of a run and what it was run with, for tools that
+    read many runs (``spikellm-pareto``); the energy counts themselves are in ``energy.json``."""
+    from omegaconf import OmegaConf
+
+    from spikellm.io import atomic_write_json
+
+    hydra_overrides = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by Hydra (a test, a notebook)
+        pass
+    energy = result.energy
+    return atomic_write_json(result.output_dir / "summary.json", {
+        "val_ppl": result.val_ppl, "val_loss": result.val_loss, "initial_val_ppl": result.initial_val_ppl,
+        "spikes_per_activation": result.spikes_per_activation, "firing_rate": result.firing_rate,
+        "steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": result.seconds,
+        "neuron": OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None,
+        "spike_loss": OmegaConf.to_container(cfg.task.spike_loss, resolve=True) if cfg.task.get("spike_loss") else None,
+        "overrides": hydra_overrides,
+        "energy": None if energy is None else {
+            "cost_model": energy.cost.name, "joules_per_token": energy.per_token(energy.joules),
+            "ratio_to_dense": energy.ratio_to_dense, "file": result.energy_files.get("json")},
+    })
 
 
 def _refuse_spawn(cfg: DictConfig) -> None:
@@ -363,10 +394,7 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
     for log_dir in result.log_dirs:
         table.add_row("logs", str(log_dir))
     if result.energy is not None:
-        from spikellm.energy.report import joules_text
-
-        table.add_row("energy / token", f"{joules_text(result.energy.per_token(result.energy.joules))} "
-                                        f"({result.energy.ratio_to_dense:.3f}× dense, {result.energy.cost.name})")
+        table.add_row("energy / token", result.energy.summary())
         for kind, path in result.energy_files.items():
             table.add_row(f"energy {kind}", path)
     console = Console()
