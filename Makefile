@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: train the default spiking LLaMA, then evaluate its checkpoint (perplexity,
-# zero-shot accuracy on the bundled local tasks, energy). Each demo gets its own directory.
+# The main job: train the spiking LLaMA under a spike budget (about one spike per activation),
+# then evaluate its checkpoint (perplexity, zero-shot accuracy on the bundled local tasks,
+# energy). Each demo gets its own directory.
 DEMO := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: $(STAMP)
-	$(BIN)/python train.py hydra.run.dir=$(DEMO)
+	$(BIN)/python train.py experiment=tiny_spike_budget hydra.run.dir=$(DEMO)
 	$(BIN)/python eval.py ckpt=$(DEMO)/checkpoints/last.ckpt $(DEMO_TASKS) hydra.run.dir=$(DEMO)/eval
 
 test: $(STAMP)

@@ -25,7 +25,8 @@ FAST = ["convert.calibration.n_samples=4", "convert.calibration.seq_len=32", "da
         "data.batch_size=4", "convert.eval_batches=2", "logger=none", "callbacks=none"]
 PER_EXPERIMENT = {
     "spikellm_w4a4": ["convert.stages.block.epochs=2"],
-    "hf_qat": ["convert.stages.qat.max_steps=3", "trainer.val_check_interval=2", "+trainer.limit_val_batches=2"],
+    "hf_qat": ["convert.stages.qat.max_steps=3", "trainer.val_check_interval=2", "+trainer.limit_val_batches=2",
+               "convert.stages.qat.spike_loss.weight=0.5", "convert.stages.qat.spike_loss.target=0.5"],
 }
 
 
@@ -141,6 +142,8 @@ def test_every_experiment_converts_llama(hf_dirs, tmp_path, experiment):
         _check_sparsified(model, record, result)
     elif experiment == "hf_qat":
         assert result.stages["qat"]["steps"] == 3
+        # the spike objective trains beside the distillation loss, and is logged apart from it
+        assert result.stages["qat"]["train/spike_loss"] >= 0 and result.stages["qat"]["train/spikes_per_activation"] > 0
         # QAT trains the float weights: the int4 grid stays in the model and in its record
         assert record["neuron"]["weight_quantizer"]["bits"] == 4
         assert all(layer.weight_quantizer is not None for layer in layers.values())
