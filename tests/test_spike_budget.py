@@ -233,3 +233,22 @@ def test_pareto_refuses_a_directory_without_runs(tmp_path):
     from spikellm.energy.pareto import main
 
     assert main([str(tmp_path)]) == 2
+
+
+def test_linear_proxy_shortcut_has_the_element_wise_gradient():
+    """Σ_i |x_i| / Δ_t per token (the shortcut of a linear proxy) equals the element-wise proxy
+    where nothing clips (absmax step), gradient included."""
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for slope in (1.0, None):
+        encoder = TernaryEncoder(bits=5, learnable_step=True)
+        type(encoder).spike_proxy_slope = property(lambda self, s=slope: s)
+        try:
+            leaf = x.clone().requires_grad_()
+            counts, _ = encoder.encode(leaf)
+            encoder.spike_term(leaf, counts, counts.abs().sum()).backward()
+            grads.append((leaf.grad, encoder.step_scale.grad))
+        finally:
+            del type(encoder).spike_proxy_slope
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

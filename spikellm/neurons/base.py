@@ -129,6 +129,12 @@ class SpikeEncoder(nn.Module, ABC):
         binary and ternary codes)."""
         return scaled_magnitude
 
+    @property
+    def spike_proxy_slope(self) -> float | None:
+        """``c`` when :meth:`spike_proxy` is ``c · |x| / Δ`` (then a spike term sums ``|x|`` per
+        token first, the cheap way); None for a nonlinear proxy."""
+        return 1.0 if type(self).spike_proxy is SpikeEncoder.spike_proxy else None
+
     def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
         """Counts sent beside the train as a sparse stream (clipped residuals), or None."""
         return None
@@ -242,14 +248,20 @@ class SpikeEncoder(nn.Module, ABC):
         ``x`` (its bound) and on the learned scale kept, and the rounding passed straight through.
         A learned scale is the per-layer threshold the objective pushes up; the task loss pulls it
         down."""
-        step = self._step_of(x.float().abs() if self.min_count < 0 else x.float().clamp_min(0))
+        magnitude = x.float().abs() if self.min_count < 0 else x.float().clamp_min(0)
+        step = self._step_of(magnitude)
         if self.step_scale is not None:
             step = step * self.step_scale.abs().clamp_min(1e-4)
-        if self.channel_scale is not None:
-            step = step / self.channel_scale
-        low, high = self.count_bounds()
-        scaled = (x.float() / step).clamp(low, high).abs()
-        proxy = self.spike_proxy(scaled).sum()
+        slope = self.spike_proxy_slope
+        if slope is not None and self.channel_scale is None and step.shape[-1] == 1:
+            # a linear proxy of a per-token step: Σ_i |x_i| / Δ_t per token, without an element-wise
+            # division (the clipping of the rare counts beyond the range is left out of the proxy)
+            proxy = slope * (magnitude.sum(dim=-1, keepdim=True) / step).sum()
+        else:
+            if self.channel_scale is not None:
+                step = step / self.channel_scale
+            low, high = self.count_bounds()
+            proxy = self.spike_proxy((x.float() / step).clamp(low, high).abs()).sum()
         return spikes + (proxy - proxy.detach())
 
     def forward(self, x: Tensor, siblings: tuple["SpikeEncoder", ...] = ()) -> Tensor:

@@ -48,5 +48,9 @@ class GIFEncoder(UniformCountEncoder):
     def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
         return scaled_magnitude / (self.levels - 1)  # ceil(|n| / (L-1)) without the steps
 
+    @property
+    def spike_proxy_slope(self) -> float:
+        return 1.0 / (self.levels - 1)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels={self.levels}"
