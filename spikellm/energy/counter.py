@@ -143,7 +143,7 @@ class OperationCounter:
             x = inputs[0]
             ops = self._layer(name, "projection")
             _add_shape(ops, layer, x.numel() // layer.in_features)
-            nonzero = (x != 0).sum().item()
+            nonzero = torch.count_nonzero(x).item()
             ops.nonzero_inputs += nonzero
             ops.float_inputs += nonzero
             ops.macs += nonzero * layer.out_features

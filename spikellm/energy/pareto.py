@@ -124,7 +124,7 @@ def markdown_table(points: list[RunPoint], costs: list[CostModel]) -> str:
     lines.append("")
     lines.append("`*`: on the Pareto front of that cost model (no other run has both lower energy and lower "
                  "perplexity). Energies are the final validation's, priced from the same operation counts:")
-    lines += [f"- **{cost.name}**: {cost.describe()}" for cost in costs]
+    lines += [f"- {cost.describe()}" for cost in costs]
     return "\n".join(lines) + "\n"
 
 

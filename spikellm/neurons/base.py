@@ -270,7 +270,9 @@ class SpikeEncoder(nn.Module, ABC):
         of other layers that receive this same spike train: their statistics are updated too."""
         counts, step = self.encode(x)
         listeners = (self, *siblings)
-        recording = torch.is_grad_enabled() and any(e.spike_terms is not None for e in listeners)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (self.step_scale is not None and self.step_scale.requires_grad))
+        recording = needs_grad and any(e.spike_terms is not None for e in listeners)
         with torch.no_grad():
             outliers = self.outlier_counts(x, step, counts)
             for encoder in listeners:
@@ -278,6 +280,8 @@ class SpikeEncoder(nn.Module, ABC):
                     encoder.stats.update(encoder, counts, outliers)
             spikes = record_tallies(self, listeners, counts, outliers, need_spikes=recording)
             total = counts if outliers is None else counts + outliers
+            if not needs_grad:  # evaluation: the value alone, no clipping window to keep
+                return (total * step).to(x.dtype)
             inside = self.inside_window(x, step) if self.can_clip else None
         if recording:
             term = self.spike_term(x, counts, spikes)
@@ -317,11 +321,16 @@ def record_tallies(encoder: SpikeEncoder, listeners, counts: Tensor, outliers: T
     tallies = [e.tally for e in listeners if e.tally is not None]
     if not tallies and not need_spikes:
         return None
-    spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
+    # per-token sums first: exact in fp32 while a row's spikes stay below 2^24, and they also say
+    # which tokens fired at all (a count fires iff it is non-zero, for every code)
+    bound = max(abs(encoder.min_count), abs(encoder.max_count)) * encoder.max_scale
+    exact = torch.float32 if counts.dim() and counts.shape[-1] * bound < 2 ** 24 else torch.float64
+    rows = encoder.spikes_per_count(counts).sum(dim=-1, dtype=exact)
+    spikes = rows.sum(dtype=torch.float64)
     if tallies:
         from spikellm.neurons.stats import SpikeTally
 
-        step_tally = SpikeTally.of(encoder, counts, outliers, spikes)
+        step_tally = SpikeTally.of(encoder, counts, outliers, spikes, rows)
         for tally in tallies:
             tally.add(step_tally)
     return spikes

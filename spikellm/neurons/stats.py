@@ -112,8 +112,10 @@ class SpikeTally:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, encoder, counts: Tensor, outliers: Tensor | None = None, spikes: Tensor | None = None) -> "SpikeTally":
-        """The tally of one encoding (``spikes``: its spike count when already summed)."""
+    def of(cls, encoder, counts: Tensor, outliers: Tensor | None = None, spikes: Tensor | None = None,
+           row_spikes: Tensor | None = None) -> "SpikeTally":
+        """The tally of one encoding (``spikes``: its spike count, ``row_spikes``: per token, when
+        already summed)."""
         from spikellm.neurons.base import SpikeEncoder
 
         # a diverged (NaN) input makes NaN totals: the figures say so rather than hide it
@@ -121,9 +123,12 @@ class SpikeTally:
             spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
         levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
             encoder.spike_levels(counts).sum(dtype=torch.float64)
-        fired = counts != 0
-        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=fired.sum(),
-                   active_rows=fired.any(dim=-1).sum() if counts.dim() else fired.sum(),
+        if row_spikes is not None:  # a count fires iff it is non-zero: a row fired iff it has spikes
+            active = (row_spikes > 0).sum()
+        else:
+            active = (counts != 0).any(dim=-1).sum() if counts.dim() else torch.count_nonzero(counts)
+        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=torch.count_nonzero(counts),
+                   active_rows=active,
                    outlier_events=0 if outliers is None else (outliers != 0).sum())
 
     def add(self, other: "SpikeTally") -> None:
