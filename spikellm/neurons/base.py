@@ -87,14 +87,14 @@ class SpikeEncoder(nn.Module, ABC):
         """Time steps the temporal form needs to fire a count of this magnitude."""
 
     def magnitude(self, x: Tensor) -> Tensor:
-        """What the clipping bound is taken of (``|x|``; unsigned codes use the positive part)."""
-        return x.detach().float().abs()
+        """What the step is taken of (``|x|``; unsigned codes use the positive part), fp32."""
+        return x.float().abs()
 
     def step_size(self, x: Tensor) -> Tensor:
         """The dynamic step Δ (fp32): per token ``[..., 1]`` from the γ-quantile of the token (or
         ``mean(|x|)/k``), or per channel ``[..., T, C]`` from the running maximum over the tokens
         so far (``x [..., T, C]``)."""
-        return self._step_of(self.magnitude(x))
+        return self._step_of(self.magnitude(x.detach()))
 
     def _step_of(self, magnitude: Tensor) -> Tensor:
         if self.threshold == "mean":
@@ -248,7 +248,7 @@ class SpikeEncoder(nn.Module, ABC):
         ``x`` (its bound) and on the learned scale kept, and the rounding passed straight through.
         A learned scale is the per-layer threshold the objective pushes up; the task loss pulls it
         down."""
-        magnitude = x.float().abs() if self.min_count < 0 else x.float().clamp_min(0)
+        magnitude = self.magnitude(x)
         step = self._step_of(magnitude)
         if self.step_scale is not None:
             step = step * self.step_scale.abs().clamp_min(1e-4)

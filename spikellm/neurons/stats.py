@@ -112,23 +112,17 @@ class SpikeTally:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, encoder, counts: Tensor, outliers: Tensor | None = None, spikes: Tensor | None = None,
-           row_spikes: Tensor | None = None) -> "SpikeTally":
-        """The tally of one encoding (``spikes``: its spike count, ``row_spikes``: per token, when
-        already summed)."""
+    def of(cls, encoder, counts: Tensor, outliers: Tensor | None, spikes: Tensor, row_spikes: Tensor) -> "SpikeTally":
+        """The tally of one encoding, whose spike count (``spikes``) and spikes per token
+        (``row_spikes``) are already summed. A diverged (NaN) input makes NaN totals: the figures
+        say so rather than hide it."""
         from spikellm.neurons.base import SpikeEncoder
 
-        # a diverged (NaN) input makes NaN totals: the figures say so rather than hide it
-        if spikes is None:
-            spikes = encoder.spikes_per_count(counts).sum(dtype=torch.float64)
         levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
             encoder.spike_levels(counts).sum(dtype=torch.float64)
-        if row_spikes is not None:  # a count fires iff it is non-zero: a row fired iff it has spikes
-            active = (row_spikes > 0).sum()
-        else:
-            active = (counts != 0).any(dim=-1).sum() if counts.dim() else torch.count_nonzero(counts)
+        # a count fires iff it is non-zero, so a token fired iff it has spikes
         return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=torch.count_nonzero(counts),
-                   active_rows=active,
+                   active_rows=(row_spikes > 0).sum(),
                    outlier_events=0 if outliers is None else (outliers != 0).sum())
 
     def add(self, other: "SpikeTally") -> None:
@@ -143,15 +137,6 @@ class SpikeTally:
         return {"activations": self.activations, "spikes": float(self.spikes), "levels": float(self.levels),
                 "nonzero": int(self.nonzero), "active_rows": int(self.active_rows),
                 "outlier_events": int(self.outlier_events)}
-
-
-def tally_spikes(model: nn.Module, enabled: bool = True) -> None:
-    """Start (fresh tallies) or stop the per-forward spike sums of every encoder of ``model``."""
-    from spikellm.neurons.base import SpikeEncoder
-
-    for module in model.modules():
-        if isinstance(module, SpikeEncoder):
-            module.tally = SpikeTally() if enabled else None
 
 
 def track_spikes(model: nn.Module, enabled: bool = True) -> None:

@@ -38,7 +38,7 @@ class UniformCountEncoder(SpikeEncoder):
 
     def magnitude(self, x: Tensor) -> Tensor:
         # unsigned codes never fire for negative inputs: only the positive part sets the range
-        return x.detach().float().abs() if self.signed else x.detach().float().clamp_min(0)
+        return x.float().abs() if self.signed else x.float().clamp_min(0)
 
     @property
     def keeps_full_range(self) -> bool:
