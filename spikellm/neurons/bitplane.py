@@ -31,7 +31,7 @@ class BitPlaneEncoder(UniformCountEncoder):
         return bitplane_weights(self.num_steps)
 
     def spikes_per_count(self, counts: Tensor) -> Tensor:
-        return popcount(counts)
+        return popcount(counts, bits=self.num_steps)  # |n| < 2^T: the planes are its binary digits
 
     def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
         # popcount of |n| averages about half its bit length, log2(|n| + 1) / 2, and grows with it

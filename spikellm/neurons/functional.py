@@ -92,8 +92,22 @@ def quantize_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
     """Collapsed form of every encoder: ``clamp(round_half_away(x / Δ), low, high)`` in fp32 (bounds
     ints or per-channel tensors; ``x / Δ = ±inf`` saturates, NaN stays NaN). Ties go away from
     zero, so signed codes are symmetric, ``counts(-x) == -counts(x)``; unsigned codes clamp at
-    ``low = 0``, where that is round half up. The clamp is in place on the rounding's temporary."""
-    return round_half_away(x.float() / step).clamp_(low, high)
+    ``low = 0``, where that is round half up.
+
+    This is the hot path of every spiking forward, so it takes fewer passes than
+    :func:`round_half_away` and gives the same numbers. The clamp comes first (rounding is
+    monotone and the bounds are integers, so the order does not matter) and keeps ``|v| <= 2^16``.
+    Then, with ``f = frac(v) = v - trunc(v)`` (exact), ``round_half_away(v) = trunc(v + f)``: ``v + f
+    = trunc(v) + 2f`` moves one away from zero iff ``|f| >= 1/2``. The sum is exact while it stays in
+    the binade of ``v`` (``|f| < 1/2``) and otherwise rounds on a grid no coarser than ``2 ulp(v)``,
+    never up to the next integer, so no tie is lost to a rounding error. ``trunc(y)`` is taken as
+    ``y - frac(y)`` (exact, and ``+0.0`` for a zero): ``torch.frac`` is vectorised on the CPU where
+    ``torch.trunc`` is not (about 30x slower there)."""
+    with torch.no_grad():  # integer counts have a zero derivative almost everywhere: nothing to trace
+        scaled = (x.float() / step).clamp_(low, high)
+        fraction = torch.frac(scaled)
+        scaled.add_(fraction)
+        return scaled.sub_(torch.frac(scaled, out=fraction))
 
 
 def _ternary_decisions(membrane: Tensor, emitted: Tensor) -> tuple[Tensor, Tensor]:

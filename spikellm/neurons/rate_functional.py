@@ -62,9 +62,13 @@ def gif_spike_train(counts: Tensor, levels: int, num_steps: int) -> Tensor:
 
 
 def gif_spikes_per_count(counts: Tensor, levels: int) -> Tensor:
-    """Non-zero GIF spikes of a count: ``ceil(|n| / (L-1))`` (every spike but the last is full)."""
-    magnitude = counts.abs().long()
-    return ((magnitude + levels - 2) // (levels - 1)).to(counts.dtype)
+    """Non-zero GIF spikes of a count: ``ceil(|n| / (L-1))`` (every spike but the last is full).
+
+    In float, which is exact for ``|n| < 2^24``: a correctly rounded ``a / b`` of integers below
+    2^24 lands on the integer ``k`` only when the quotient is ``k`` (a non-integer quotient is at
+    least ``1/b`` from every integer, more than half an ulp), and it runs at the speed of one
+    division where an integer floor division is about 40x slower on the CPU. NaN stays NaN."""
+    return counts.abs().div_(levels - 1).ceil_()
 
 
 def bitplane_weights(num_steps: int) -> Tensor:
@@ -87,10 +91,15 @@ def bitplane_spike_train(counts: Tensor, num_steps: int) -> Tensor:
     return spikes
 
 
-def popcount(counts: Tensor) -> Tensor:
-    """Set bits of ``|n|`` (``|n| < 2^32``), SWAR bit counting on int64, in ``counts.dtype``."""
-    v = counts.abs().long()
-    v = v - ((v >> 1) & 0x55555555)
-    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F
-    return (((v * 0x01010101) & 0xFFFFFFFF) >> 24).to(counts.dtype)
+def popcount(counts: Tensor, bits: int = 24) -> Tensor:
+    """Set bits of ``|n|`` for integer-valued float counts with ``|n| < 2^bits`` (``bits <= 24``),
+    in ``counts.dtype``: ``popcount(a) = a - Σ_{k=1}^{bits-1} floor(a / 2^k)`` (each halving
+    drops one copy of every bit above the lowest). Every operation is exact on integers below
+    2^24 and vectorised, where int64 bit twiddling is about 10x slower on the CPU; give ``bits``
+    (the code's bit length) to take ``bits - 1`` halvings instead of 23. NaN stays NaN."""
+    magnitude = counts.abs()
+    result = magnitude.clone()
+    halved = torch.empty_like(magnitude)
+    for k in range(1, max(1, min(bits, 24))):
+        result.sub_(torch.mul(magnitude, 2.0 ** -k, out=halved).floor_())
+    return result

@@ -112,16 +112,17 @@ class SpikeTally:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, encoder, counts: Tensor, outliers: Tensor | None, spikes: Tensor, row_spikes: Tensor) -> "SpikeTally":
-        """The tally of one encoding, whose spike count (``spikes``) and spikes per token
-        (``row_spikes``) are already summed. A diverged (NaN) input makes NaN totals: the figures
-        say so rather than hide it."""
+    def of(cls, encoder, counts: Tensor, outliers: Tensor | None, spikes: Tensor, row_spikes: Tensor,
+           nonzero: Tensor) -> "SpikeTally":
+        """The tally of one encoding, whose spike count (``spikes``), spikes per token
+        (``row_spikes``) and non-zero counts are already summed. A diverged (NaN) input makes NaN
+        totals: the figures say so rather than hide it."""
         from spikellm.neurons.base import SpikeEncoder
 
         levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
             encoder.spike_levels(counts).sum(dtype=torch.float64)
         # a count fires iff it is non-zero, so a token fired iff it has spikes
-        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=torch.count_nonzero(counts),
+        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=nonzero,
                    active_rows=(row_spikes > 0).sum(),
                    outlier_events=0 if outliers is None else (outliers != 0).sum())
 
@@ -135,7 +136,7 @@ class SpikeTally:
 
     def as_numbers(self) -> dict:
         return {"activations": self.activations, "spikes": float(self.spikes), "levels": float(self.levels),
-                "nonzero": int(self.nonzero), "active_rows": int(self.active_rows),
+                "nonzero": float(self.nonzero), "active_rows": int(self.active_rows),
                 "outlier_events": int(self.outlier_events)}
 
 
