@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(run: Path, costs: list[str], seqlen: int, limit: int | None) -> dict:
-    from spikellm.checkpoint import load_spiking_checkpoint
+    from spikellm.checkpoints.spiking import load_spiking_checkpoint
     from spikellm.config import build
     from spikellm.energy import OperationCounter
     from spikellm.energy.cost import load_cost_model

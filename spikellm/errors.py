@@ -38,3 +38,10 @@ class OverrideError(ConfigError):
 class DataError(SpikeLLMError):
     """A file could not be read or written: a corpus, tokenizer or checkpoint that is missing,
     corrupt or untrusted, or an output that does not fit where it goes (no space, read-only)."""
+
+
+def first_line(error: BaseException | str, empty: str | None = None) -> str:
+    """The first non-blank line of an error's message, stripped: what a one-line report quotes
+    of a library's several lines; ``empty`` (the error's type name by default) when it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else (type(error).__name__ if empty is None else empty)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import CONF, compose, run_script
 
-from spikellm.config import build, build_neuron, check_command_line
+from spikellm.config import build, build_neuron
+from spikellm.config.cli import check_command_line
 from spikellm.errors import ConfigError, DataError, OverrideError
-from spikellm.io import atomic_directory, atomic_write_json, check_writable
+from spikellm.checkpoints.atomic import atomic_directory, atomic_write_json, check_writable
 
 
 def one_error_line(done) -> str:
@@ -193,7 +194,7 @@ def hf_dir(tmp_path_factory):
 def test_truncated_safetensors_is_a_data_error(hf_dir, tmp_path, keep):
     import shutil
 
-    from spikellm.models.hf import load_hf_causal_lm
+    from spikellm.checkpoints.hf import load_hf_causal_lm
 
     directory = Path(shutil.copytree(hf_dir, tmp_path / "llama"))
     if keep is not None:  # not even a header
@@ -214,7 +215,7 @@ def test_cli_truncated_safetensors_is_one_line(hf_dir, tmp_path):
 def test_unreadable_config_json_is_a_data_error(hf_dir, tmp_path):
     import shutil
 
-    from spikellm.evaluation.loading import load_model
+    from spikellm.checkpoints.loader import load_model
 
     directory = Path(shutil.copytree(hf_dir, tmp_path / "llama"))
     (directory / "config.json").write_text('{"model_type": "llama", ')
@@ -248,9 +249,9 @@ def test_check_writable_refuses_a_file(tmp_path):
                                          (errno.EROFS, "read-only file system"),
                                          (errno.EACCES, "permission denied")])
 def test_check_writable_names_the_os_reason(tmp_path, monkeypatch, code, reason):
-    import spikellm.io
+    import spikellm.checkpoints.atomic as atomic
 
-    monkeypatch.setattr(spikellm.io.os, "write", raiser(code))
+    monkeypatch.setattr(atomic.os, "write", raiser(code))
     with pytest.raises(ConfigError) as error:
         check_writable(tmp_path / "out", key="results")
     message = str(error.value)
@@ -277,7 +278,7 @@ def test_full_disk_in_an_atomic_directory_keeps_the_previous_one(tmp_path):
 
 
 def test_read_only_at_the_rename_puts_the_previous_one_back(tmp_path, monkeypatch):
-    import spikellm.io
+    import spikellm.checkpoints.atomic as atomic
 
     target = tmp_path / "export"
     target.mkdir()
@@ -289,7 +290,7 @@ def test_read_only_at_the_rename_puts_the_previous_one_back(tmp_path, monkeypatc
             raise OSError(errno.EROFS, "Read-only file system")
         return real(src, dst)
 
-    monkeypatch.setattr(spikellm.io.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(DataError, match=r"cannot write .*export: read-only file system.*the previous export is intact"):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "weights").write_text("new")
@@ -335,7 +336,7 @@ def test_full_disk_while_saving_a_spiking_checkpoint(tmp_path, monkeypatch, hf_d
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from spikellm.checkpoint import load_spiking_checkpoint, save_spiking_checkpoint
+    from spikellm.checkpoints.spiking import load_spiking_checkpoint, save_spiking_checkpoint
     from spikellm.data.tokenizer import build_tokenizer
     from spikellm.models import LlamaConfig
 

@@ -1,4 +1,4 @@
-"""The spiking checkpoint (spikellm/checkpoint.py): save → load rebuilds the very model that wrote it.
+"""The spiking checkpoint (spikellm/checkpoints/spiking.py): save → load rebuilds the very model that wrote it.
 
 - backend="torch": logits bit-identical to the writer, for every weight format (int4, int8, grouped
   int, ternary, float), encoder, tied or untied head, Hadamard rotation, Optimal Brain Spiking;
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spikellm.kernels
-from spikellm.checkpoint import (dequantize, is_spiking_checkpoint, load_spiking_checkpoint, model_card, read_config,
+from spikellm.checkpoints.spiking import (dequantize, is_spiking_checkpoint, load_spiking_checkpoint, model_card, read_config,
                                  save_spiking_checkpoint, weight_format)
 from spikellm.config import build_neuron
 from spikellm.errors import ConfigError, DataError

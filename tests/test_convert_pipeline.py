@@ -10,10 +10,10 @@ from conftest import compose, run_script
 
 from spikellm.config import build
 from spikellm.errors import ConfigError
-from spikellm.evaluation.loading import load_model
+from spikellm.checkpoints.loader import load_model
 from spikellm.models.hf import LogitsModel
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.posttrain.export import RECORD, read_record
+from spikellm.checkpoints.converted import RECORD, read_record
 from spikellm.posttrain.pipeline import run_conversion, validation_ppl
 from spikellm.sparsity import gates
 from spikellm.training.pipeline import converts

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import run_script
 
 from spikellm.errors import ConfigError, DataError
-from spikellm.evaluation.loading import load_model
+from spikellm.checkpoints.loader import load_model
 from spikellm.evaluation.perplexity import eval_windows, perplexity
 from spikellm.models import LlamaConfig
 

@@ -22,7 +22,7 @@ from conftest import CONF, run_script
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from spikellm.checkpoint import dequantize, load_spiking_checkpoint, read_config, save_spiking_checkpoint
+from spikellm.checkpoints.spiking import dequantize, load_spiking_checkpoint, read_config, save_spiking_checkpoint
 from spikellm.config import build_neuron
 from spikellm.energy import OperationCounter
 from spikellm.errors import ConfigError
@@ -552,7 +552,7 @@ def test_attention_neuron_group_refused_by_train_config(mmf_run, tmp_path):
 
 
 def test_train_writes_checkpoints(mmf_run):
-    from spikellm.evaluation.loading import load_model
+    from spikellm.checkpoints.loader import load_model
 
     assert (mmf_run / "checkpoints" / "last.ckpt").is_file()
     spiking = mmf_run / "spiking_checkpoint"

@@ -10,15 +10,16 @@ from torch.func import functional_call
 
 from spikellm.data.calibration import calibration_samples
 from spikellm.errors import ConfigError, DataError
-from spikellm.io import atomic_directory
+from spikellm.checkpoints.atomic import atomic_directory
 from spikellm.models import LlamaConfig
-from spikellm.models.hf import causal_lm_logits, load_hf_causal_lm, save_hf_llama, to_hf_llama
+from spikellm.checkpoints.hf import load_hf_causal_lm, save_hf_llama, to_hf_llama
+from spikellm.models.hf import causal_lm_logits
 from spikellm.models.spikify import spikify, spikify_from_config, spiking_modules
 from spikellm.neurons import GIFEncoder, TernaryEncoder
 from spikellm.neurons.saliency import allocate_steps
 from spikellm.posttrain.blocks import capture_block_inputs, decoder_blocks, floating_point, run_block
 from spikellm.posttrain.distill import DistillationTask, distillation_loss
-from spikellm.posttrain.export import RECORD, load_converted, read_record, save_converted
+from spikellm.checkpoints.converted import RECORD, load_converted, read_record, save_converted
 from spikellm.posttrain.omniquant import LearnableClipping, SmoothingScales, block_calibration
 from spikellm.posttrain.sequential import gptq_model
 from spikellm.quant.gptq import HessianAccumulator, gptq_quantize_detailed
@@ -470,7 +471,7 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
 
-    from spikellm.evaluation.loading import load_model
+    from spikellm.checkpoints.loader import load_model
 
     evaluated = load_model(directory)
     torch.testing.assert_close(evaluated.model(ids), expected, rtol=0, atol=0)

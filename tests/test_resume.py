@@ -151,8 +151,8 @@ def test_data_order_is_a_function_of_seed_and_epoch():
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    from spikellm.training import checkpoint_io
-    from spikellm.training.checkpoint_io import AtomicCheckpointIO
+    from spikellm.checkpoints import atomic
+    from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
     io_plugin, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     io_plugin.save_checkpoint({"step": 1, "w": torch.arange(1000)}, path)
@@ -162,7 +162,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(before[: len(before) // 2])  # half a checkpoint on disk, then the "kill"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", half_then_die)
+    monkeypatch.setattr(atomic.torch, "save", half_then_die)
     with pytest.raises(KeyboardInterrupt):
         io_plugin.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and os.listdir(path.parent) == ["last.ckpt"]

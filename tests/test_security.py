@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from spikellm.checkpoint import load_spiking_checkpoint, read_config, save_spiking_checkpoint
+from spikellm.checkpoints import load_model
+from spikellm.checkpoints.spiking import load_spiking_checkpoint, read_config, save_spiking_checkpoint
 from spikellm.config import build, build_neuron, check_trusted
 from spikellm.errors import DataError
-from spikellm.evaluation.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def converted(tmp_path_factory, tokenizer):
     import transformers
 
     from spikellm.models.spikify import spikify_from_config
-    from spikellm.posttrain.export import save_converted
+    from spikellm.checkpoints.converted import save_converted
 
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -98,9 +98,9 @@ PAYLOADS = {
     "under _recursive_ false": lambda m, n, marker: ({**m, "_recursive_": False, "extra": {"x": touch(marker)}}, n),
     "in a list": lambda m, n, marker: (m, {**n, "encoder": {**n["encoder"], "clip": [touch(marker)]}}),
     "through a spikellm module's import": lambda m, n, marker: (
-        {"_target_": "spikellm.models.hf.Path.touch", "_args_": [str(marker)]}, n),
+        {"_target_": "spikellm.models.llama.torch.save", "_args_": [{}, str(marker)]}, n),
     "a spikellm function that writes": lambda m, n, marker: (
-        {"_target_": "spikellm.io.atomic_write_json", "path": str(marker), "data": {}}, n),
+        {"_target_": "spikellm.checkpoints.atomic.atomic_write_json", "path": str(marker), "data": {}}, n),
     "a dunder path": lambda m, n, marker: ({"_target_": "spikellm.models.__builtins__", "x": str(marker)}, n),
     "an interpolation": lambda m, n, marker: ({**m, "dim": "${oc.env:HOME}"}, n),
     "a target that is not a string": lambda m, n, marker: ({**m, "_target_": ["pathlib.Path.touch"]}, n),
@@ -112,7 +112,7 @@ def test_the_payloads_are_live(tmp_path):
     from hydra.utils import instantiate
 
     instantiate(touch(tmp_path / "plain"))
-    instantiate({"_target_": "spikellm.models.hf.Path.touch", "_args_": [str(tmp_path / "via_spikellm")]})
+    instantiate({"_target_": "spikellm.models.llama.torch.save", "_args_": [{}, str(tmp_path / "via_spikellm")]})
     assert (tmp_path / "plain").exists() and (tmp_path / "via_spikellm").exists()
 
 
@@ -141,12 +141,16 @@ def test_a_user_neuron_does_not_launder_the_checkpoint(tmp_path, lightning_check
     assert not (tmp_path / "pwned").exists()
 
 
-def test_hyper_parameters_the_task_does_not_take(tmp_path, lightning_checkpoint):
+def test_hyper_parameters_other_than_the_model_are_never_used(tmp_path, lightning_checkpoint):
+    # the loader builds the model and neuron groups alone (checked); nothing else it holds is run
     state = torch.load(lightning_checkpoint, weights_only=True)
     state["hyper_parameters"]["exec"] = "print(1)"
     torch.save(state, tmp_path / "odd.ckpt")
+    assert load_model(tmp_path / "odd.ckpt").format == "lightning"
+    del state["hyper_parameters"]["model"]
+    torch.save(state, tmp_path / "no_model.ckpt")
     with pytest.raises(DataError, match="hyper_parameters do not describe a train.py model"):
-        load_model(tmp_path / "odd.ckpt")
+        load_model(tmp_path / "no_model.ckpt")
 
 
 def test_legit_lightning_checkpoint_loads(lightning_checkpoint):
@@ -227,7 +231,7 @@ def test_exports_hold_no_pickle(tmp_path, tokenizer, model_config, spiking_check
     """The spiking checkpoint, the Hugging Face export and the converted model: safetensors and text."""
     from safetensors.torch import load_file
 
-    from spikellm.models.hf import save_hf_llama
+    from spikellm.checkpoints.hf import save_hf_llama
 
     dense = spiking_model(model_config, neuron=None)
     exported = save_hf_llama(dense, tokenizer, tmp_path / "hf")

@@ -1,1 +1,1 @@
-"""Evaluation: loading checkpoints for evaluation, perplexity, zero-shot tasks through lm-eval."""
+"""Evaluation: perplexity, zero-shot tasks through lm-eval, energy (models come from spikellm.checkpoints.load_model)."""

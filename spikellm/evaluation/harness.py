@@ -73,7 +73,7 @@ class SpikeLLMEvalLM(TemplateLM):
             ``config.max_seq_len``); longer inputs are truncated from the left.
         device: torch device to run on.
         ckpt: instead of ``model``/``tokenizer``, a checkpoint read by
-            :func:`spikellm.evaluation.loading.load_model` (with ``neuron`` and ``device``).
+            :func:`spikellm.checkpoints.load_model` (with ``neuron`` and ``device``).
         neuron: with ``ckpt``: the spike neurons to load the model with (replacing a checkpoint's,
             or spikifying a Hugging Face model): a neuron group name of ``conf/neuron``
             (``gif``, ``ternary``, ...), a path to such a YAML file, or the group as a dict.
@@ -90,7 +90,7 @@ class SpikeLLMEvalLM(TemplateLM):
         if model is None:
             if ckpt is None:
                 raise ConfigError("ckpt", None, "give a model and its tokenizer, or ckpt=<checkpoint path>")
-            from spikellm.evaluation.loading import load_model  # written beside this module; imported on use
+            from spikellm.checkpoints import load_model  # imported on use: lm-eval starts faster
 
             loaded = load_model(str(ckpt), neuron=neuron_config(neuron), device=str(device))
             model, tokenizer = loaded.model, loaded.tokenizer

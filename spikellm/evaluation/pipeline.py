@@ -8,13 +8,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spikellm.config import build
-from spikellm.io import atomic_write_json, check_writable
+from spikellm.checkpoints.atomic import atomic_write_json, check_writable
 
 
 def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     """Returns ``(results, energy report or None)``; results are also written to ``cfg.results``."""
     from spikellm.energy import OperationCounter
-    from spikellm.evaluation.loading import load_model
+    from spikellm.checkpoints import load_model
     from spikellm.evaluation.perplexity import evaluation_text, perplexity
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -37,7 +37,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
         set_hardware_mode(model, build(cfg.hardware, "hardware"))
     exported = None
     if cfg.get("export_hf"):
-        from spikellm.models.hf import save_hf_llama
+        from spikellm.checkpoints.hf import save_hf_llama
 
         exported = str(save_hf_llama(model, loaded.tokenizer, cfg.export_hf))
     results = {"ckpt": loaded.source, "model": loaded.config, "perplexity": {}, "tasks": {}, "energy": None,
@@ -78,7 +78,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
 
 def _export_spiking(loaded, results: dict, cfg) -> str:
     """Write the evaluated model as a spiking checkpoint whose card carries this evaluation."""
-    from spikellm.checkpoint import save_spiking_checkpoint
+    from spikellm.checkpoints.spiking import save_spiking_checkpoint
     from spikellm.errors import ConfigError
 
     if "model" not in loaded.config:

@@ -27,7 +27,8 @@ from torch import nn
 from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
 from spikellm.errors import ConfigError
-from spikellm.models.hf import causal_lm_logits, check_hf_dir, hf_config, max_positions
+from spikellm.checkpoints.hf import check_hf_dir, hf_config
+from spikellm.models.hf import causal_lm_logits, max_positions
 from spikellm.posttrain.stages import ConversionContext
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def is_native(cfg: DictConfig) -> bool:
 def check_conversion_config(cfg: DictConfig) -> dict:
     """Everything checkable before loading data or weights; returns the built stages by name."""
     if is_native(cfg):
-        from spikellm.checkpoint import read_config
+        from spikellm.checkpoints.spiking import read_config
 
         read_config(cfg.model.get("checkpoint"))  # a spiking checkpoint, readable
         if cfg.neuron is not None and (cfg.neuron.get("encoder") is not None
@@ -108,12 +109,12 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
 
     from spikellm.data.calibration import calibration_samples
     from spikellm.models.spikify import spikify_from_config
-    from spikellm.posttrain.export import save_converted
+    from spikellm.checkpoints.converted import save_converted
 
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = check_conversion_config(cfg)
-    from spikellm.io import check_writable
+    from spikellm.checkpoints.atomic import check_writable
 
     check_writable(cfg.paths.output_dir)
     native = is_native(cfg)
@@ -159,7 +160,7 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
                "energy_per_token_after_J": energy_after.per_token(energy_after.joules), "cost_model": cost.name}
     _write_energy(output_dir, energy_before, energy_after)
     if native:
-        from spikellm.checkpoint import read_config, save_spiking_checkpoint
+        from spikellm.checkpoints.spiking import read_config, save_spiking_checkpoint
 
         written = read_config(source)
         card = {**{key: (round(v, 6) if isinstance(v, float) else v) for key, v in metrics.items()},
@@ -185,7 +186,7 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
 def _write_energy(output_dir: Path, before, after) -> None:
     """``energy.json``: the per-layer operations and energy of the validation tokens, before the
     stages and after (what activation sparsity saves shows here)."""
-    from spikellm.io import atomic_write_json
+    from spikellm.checkpoints.atomic import atomic_write_json
 
     atomic_write_json(output_dir / "energy.json", {"before": before.to_dict(), "after": after.to_dict()})
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from spikellm.checks import check_int
 from spikellm.config import build, build_attention_encoder, build_neuron
 from spikellm.errors import ConfigError, DataError
-from spikellm.io import check_writable
+from spikellm.checkpoints.atomic import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
 
     import lightning.pytorch as pl
 
-    from spikellm.training.checkpoint_io import AtomicCheckpointIO
+    from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)  # a read-only or full disk fails now, not after the training
@@ -173,7 +173,7 @@ def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
     read many runs (``spikellm-pareto``); the energy counts themselves are in ``energy.json``."""
     from omegaconf import OmegaConf
 
-    from spikellm.io import atomic_write_json
+    from spikellm.checkpoints.atomic import atomic_write_json
 
     hydra_overrides = []
     try:
@@ -250,25 +250,10 @@ def resolve_ckpt_path(value, output_dir: Path) -> Path | None:
 def read_resume_checkpoint(path: Path) -> dict:
     """What the pre-fit checks need from a Lightning checkpoint (its hyperparameters and the data
     module's state), after checking that it loads as data and can resume a run."""
-    import torch
+    from spikellm.checkpoints.lightning import datamodule_state, read_training_checkpoint
 
-    try:
-        # weights_only: a checkpoint is data, never code to run
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (a file that is not a zip goes to the unpickler: any error)
-        reason = (str(error).splitlines() or [""])[0].split(". ")[0][:160]
-        raise DataError(f"ckpt_path={path} is not a readable checkpoint ({type(error).__name__}: {reason}); it may "
-                        f"be truncated or not written by train.py") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
-        raise DataError(f"ckpt_path={path} is not a train.py checkpoint: it has no state_dict and hyper_parameters")
-    if "optimizer_states" not in state or "loops" not in state:
-        raise DataError(f"ckpt_path={path} holds weights only (no optimizer and loop state), so it cannot resume a "
-                        f"run; resume from <run>/checkpoints/last.ckpt")
-    data = next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
-    from spikellm.config import check_trusted
-
-    check_trusted(state["hyper_parameters"], path, "hyper_parameters")  # resuming rebuilds them
-    return {"hyper_parameters": dict(state["hyper_parameters"]), "data": data}
+    state = read_training_checkpoint(path, key="ckpt_path", resumable=True)
+    return {"hyper_parameters": dict(state["hyper_parameters"]), "data": datamodule_state(state)}
 
 
 def check_same_model(resume: dict, cfg: DictConfig, ckpt: Path) -> None:
@@ -337,9 +322,9 @@ def _attempt_version(version: str, attempt: int) -> str:
 
 
 def save_final_checkpoint(cfg: DictConfig, task, datamodule, final: dict, energy, directory: Path) -> Path:
-    """The run's spiking checkpoint (:mod:`spikellm.checkpoint`), its card carrying the final
+    """The run's spiking checkpoint (:mod:`spikellm.checkpoints.spiking`), its card carrying the final
     validation and energy figures; replaced atomically if the run directory already has one."""
-    from spikellm.checkpoint import save_spiking_checkpoint
+    from spikellm.checkpoints.spiking import save_spiking_checkpoint
 
     card = {"val ppl": round(float(final["val/ppl"]), 4), "val loss": round(float(final["val/loss"]), 6),
             "data": cfg.data.get("source"), "steps": int(task.global_step)}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spikellm.config import build, build_attention_encoder, build_neuron
+from spikellm.config import build_model
 from spikellm.training.spike_loss import SpikeObjective
 
 
@@ -121,7 +121,7 @@ class CausalLMTask(LanguageModelTask):
 
     ``model`` and ``neuron`` are the config groups as plain dicts (``_target_`` inside), so a
     checkpoint carries everything needed to rebuild the model. Load one with
-    :func:`spikellm.evaluation.loading.load_model`, which refuses ``_target_`` values outside
+    :func:`spikellm.checkpoints.load_model`, which refuses ``_target_`` values outside
     spikellm before building anything (``load_from_checkpoint`` would build whatever it names).
     """
 
@@ -131,8 +131,4 @@ class CausalLMTask(LanguageModelTask):
                  spike_loss: dict | None = None):
         super().__init__(spike_loss)
         self.save_hyperparameters()
-        encoder, weight_quantizer = build_neuron(neuron)
-        options = neuron or {}
-        self.model = build(model, "model").build(
-            encoder, weight_quantizer, unroll=bool(options.get("unroll", False)),
-            attention_encoder=build_attention_encoder(neuron), rotate=bool(options.get("rotate", False)))
+        self.model = build_model(model, neuron)

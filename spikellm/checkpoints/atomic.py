@@ -2,7 +2,9 @@
 write failed (no space, read-only, permission) instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -11,7 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from spikellm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# .<name>.<random>.<pid>.tmp: the writer's pid tells a killed writer's leftover from a live one's
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 # the OS errors that mean "this place cannot take the output", with what to do about them
 _WRITE_ERRORS = {
@@ -144,3 +153,66 @@ def _atomic_write(path, write) -> Path:
             raise _refused(path, error, existed) from None
         raise
     return path
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save(obj, path)`` through a temporary file in ``path``'s directory: flushed, fsynced,
+    then renamed over ``path`` (and the directory synced), so after a crash at any point ``path``
+    holds either its previous content or ``obj``. The temporary file is removed if the write fails;
+    one left by a killed process is removed by the next save into that directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_torch_save` whose writing process is gone
+    (killed mid-save); returns them."""
+    removed = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_file() and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+                log.info("removed %s, left by a save that was killed", entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # ours: a save in progress (a thread), or cleaned up by its own failure
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from spikellm.errors import ConfigError, DataError
-from spikellm.io import atomic_directory
+from spikellm.checkpoints.atomic import atomic_directory
 from spikellm.nn.hadamard import hadamard_transform
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.quant.ternary import TernaryAbsMean
@@ -124,7 +124,7 @@ def model_card(config: dict) -> str:
         lines.append(f"- activation-sparsity thresholds on {len(config['thresholds'])} projection inputs")
     lines += ["", "## Measured", ""]
     lines += [f"- {key}: {value}" for key, value in card.items()] or ["- (no figures were recorded)"]
-    lines += ["", "Load with `spikellm.checkpoint.load_spiking_checkpoint(<dir>)` or evaluate with "
+    lines += ["", "Load with `spikellm.checkpoints.load_model(<dir>)` or evaluate with "
                   "`python eval.py ckpt=<dir>`.", ""]
     return "\n".join(lines)
 
@@ -145,7 +145,7 @@ def read_config(directory) -> dict:
             config.get("neuron") or {}, dict):
         raise DataError(f"{path} lacks its model, layers or neuron record (or one is not an object); "
                         "the checkpoint is incomplete")
-    from spikellm.config import check_trusted
+    from spikellm.config.trust import check_trusted
 
     # the model and neuron configs name the classes to build: only spikellm's own, before anything is built
     check_trusted({"model": config.get("model"), "neuron": config.get("neuron")}, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from spikellm.errors import DataError
-from spikellm.io import atomic_directory
+from spikellm.checkpoints.atomic import atomic_directory
 
 FORMAT = "spikellm-converted"
 FORMAT_VERSION = 1
@@ -45,7 +45,7 @@ def read_record(directory) -> dict:
     if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a spikellm converted model of format version {FORMAT_VERSION} "
                         f"(found {record.get('format')!r} v{record.get('version')!r})")
-    from spikellm.config import check_trusted
+    from spikellm.config.trust import check_trusted
 
     check_trusted({"neuron": record.get("neuron")}, path)  # what a converted model rebuilds is our own code only
     return record
@@ -54,15 +54,18 @@ def read_record(directory) -> dict:
 def load_converted(directory) -> tuple[nn.Module, dict]:
     """The spiking model saved by :func:`save_converted` (eval mode, fp32) and its record."""
     import transformers
+
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from spikellm.models.spikify import spikify_from_config
     from spikellm.sparsity import install_thresholds
 
+    from spikellm.checkpoints.hf import hf_config
+
     directory = Path(directory)
-    record = read_record(directory)
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    record = read_record(directory)  # validated and its neuron config checked: once
+    config = hf_config(directory, key="ckpt")  # readable, of a supported architecture
     model = transformers.AutoModelForCausalLM.from_config(config)
     spikify_from_config(model, record.get("neuron"))
     weights = directory / "model.safetensors"

@@ -1,220 +1,20 @@
-"""Turning Hydra config groups into objects, with errors that name the override to change.
-
-- :func:`build`: instantiate a config node; a bad value or an unknown argument is a
-  :class:`ConfigError` naming its full key (``neuron.encoder.bitz=3``), before anything runs.
-- :func:`check_command_line`: compose the entry point's config once, before ``@hydra.main``,
-  and turn what Hydra would print as several lines (a mistyped key, a group option that does not
-  exist, bad override syntax, a value left ``???``) into one :class:`OverrideError`.
-- :func:`check_trusted`: refuse a ``_target_`` read from a checkpoint that is not one of
-  spikellm's own model and neuron classes, so loading a file never runs code it names.
-"""
+"""The command line, checked before ``@hydra.main``: :func:`check_command_line` composes the entry
+point's config once and turns what Hydra would print as several lines (a mistyped key, a group
+option that does not exist, bad override syntax, a value left ``???``) into one
+:class:`OverrideError`; :func:`run` is the wrapper every entry point shares."""
 from __future__ import annotations
 
+import contextlib
 import difflib
-import functools
-import inspect
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spikellm.errors import ConfigError, DataError, OverrideError
+from spikellm.errors import OverrideError, first_line
 
-
-def _run_config_dir(ckpt_path, stamp) -> str:
-    """Hydra's ``output_subdir``: ``.hydra`` for a new run; a resumed run (``ckpt_path`` set) keeps
-    the interrupted run's ``.hydra/`` files and writes its own beside them."""
-    return ".hydra" if ckpt_path in (None, "") else f".hydra/resumed-{stamp}"
-
-
-# used by conf/hydra/default.yaml; registered on import, since train.py imports this module first
-OmegaConf.register_new_resolver("spikellm_run_config_dir", _run_config_dir, replace=True)
-
-# keys of a config node that Hydra's instantiate reads itself, not the target
-_HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
-
-
-def build(node: Any, key: str, **kwargs) -> Any:
-    """``hydra.utils.instantiate(node)``; a :class:`ConfigError` raised by the target (or by the
-    first call of a ``_partial_`` factory, which is made here to validate it) comes out with its
-    key prefixed by ``key``, the group's place in the config (``neuron.encoder.bits=1 ...``).
-    An argument the target does not take (``+neuron.encoder.bitz=3``) is refused by name first."""
-    if node is None:
-        return None
-    if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=True)
-    check_arguments(node, key)
-    target = node.get("_target_") if isinstance(node, dict) else None
-    try:
-        built = instantiate(node, **kwargs)
-        if isinstance(built, functools.partial):
-            built()
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause.with_prefix(key) from None
-        if isinstance(cause, TypeError):
-            raise _argument_error(cause, node, key) from None
-        raise ConfigError(key, target, f"could not be built: {_first_line(cause or error)}") from error
-    except ConfigError as error:
-        raise error.with_prefix(key) from None
-    except TypeError as error:  # the factory's first call: a signature that hides its arguments (**kwargs)
-        raise _argument_error(error, node, key) from None
-    return built
-
-
-def _argument_error(error: TypeError, node, key: str) -> ConfigError:
-    target = node.get("_target_") if isinstance(node, dict) else None
-    unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(error))
-    if unexpected and isinstance(node, dict) and unexpected.group(1) in node:
-        name = unexpected.group(1)
-        return ConfigError(f"{key}.{name}", node[name], f"{_short(target)} takes no argument {name!r}")
-    return ConfigError(key, target, f"could not be built: {_first_line(error)}")
-
-
-def check_arguments(node: Any, key: str) -> None:
-    """Every argument a ``_target_`` node (and each node nested in it) sets must be one its target
-    takes: ``neuron.encoder.bitz=3 is invalid: TernaryEncoder has no argument 'bitz' (did you mean
-    bits?)``. Targets that cannot be located or inspected, or take ``**kwargs``, are left to
-    :func:`build`'s own errors."""
-    for path, value in _target_nodes(node, key):
-        target = value["_target_"]
-        try:
-            from hydra.utils import get_object
-
-            parameters = inspect.signature(get_object(target)).parameters.values()
-        except Exception:  # noqa: BLE001 - not locatable or not inspectable: instantiate reports it
-            continue
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            continue
-        names = [p.name for p in parameters
-                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-        for name in value:
-            if name in _HYDRA_KEYS or name in names:
-                continue
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            listed = ", ".join(names) if names else "none"
-            raise ConfigError(f"{path}.{name}" if path else str(name), value[name],
-                              f"{_short(target)} has no argument {name!r}{hint}; its arguments: {listed}")
-
-
-def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, dict]]:
-    """``(key, node)`` of every dict holding a ``_target_`` in a tree of dicts and lists."""
-    if isinstance(node, dict):
-        if "_target_" in node:
-            yield path, node
-        for name, value in node.items():
-            yield from _target_nodes(value, f"{path}.{name}" if path else str(name))
-    elif isinstance(node, (list, tuple)):
-        for index, value in enumerate(node):
-            yield from _target_nodes(value, f"{path}.{index}" if path else str(index))
-
-
-def _short(target) -> str:
-    return str(target).rsplit(".", 1)[-1]
-
-
-def _first_line(error) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def build_neuron(neuron: dict | DictConfig | None, key: str = "neuron"):
-    """The encoder and weight-quantizer factories of a ``neuron`` group (each may be None)."""
-    if neuron is None:
-        return None, None
-    return (build(neuron.get("encoder"), f"{key}.encoder"),
-            build(neuron.get("weight_quantizer"), f"{key}.weight_quantizer"))
-
-
-def build_attention_encoder(neuron: dict | DictConfig | None, key: str = "neuron"):
-    """The ``role -> encoder`` factory of a neuron group's ``attention: {key, value}``, or None
-    (attention products stay in floating point)."""
-    attention = None if neuron is None else neuron.get("attention")
-    if attention is None:
-        return None
-    factories = {role: build(attention.get(role), f"{key}.attention.{role}") for role in ("key", "value")}
-    if None in factories.values():
-        raise ConfigError(f"{key}.attention", sorted(attention), "needs both a 'key' and a 'value' encoder")
-    return lambda role: factories[role]()
-
-
-# --------------------------------------------------------------------------------------------
-# What a checkpoint may name
-
-# A checkpoint records the model and neuron groups it was built from; their ``_target_`` values
-# name spikellm's model configs, encoders and weight quantizers: classes that live here, whose
-# constructors only build modules in memory. Anything else (another package, a function such as
-# spikellm.io.atomic_write_json that writes files, a path through an imported module such as
-# ``spikellm.models.hf.Path.touch``) is refused before anything is built.
-TRUSTED_MODULES = ("spikellm.models", "spikellm.neurons", "spikellm.quant", "spikellm.nn")
-_TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
-
-
-def check_trusted(tree: Any, source, path: str = "") -> None:
-    """Refuse, with a :class:`DataError` naming ``source`` (the file) and the target, any
-    ``_target_`` in ``tree`` (dicts and lists, walked to the leaves: ``_args_``, ``_partial_``
-    and non-recursive nodes included) that is not a class defined in one of
-    :data:`TRUSTED_MODULES` (named ``<module>.<Class>``, nothing reached through it), and any
-    ``${...}`` interpolation (a checkpoint stores resolved values; an interpolation would run a
-    resolver). ``path``: where ``tree`` sits in the file (``hyper_parameters``), for the message.
-    Call it on everything read from a file before it reaches :func:`build`; configs the user
-    writes are not restricted."""
-    if isinstance(tree, dict):
-        for name, value in tree.items():
-            key = f"{path}.{name}" if path else str(name)
-            if name == "_target_":
-                reason = _untrusted_target(value)
-                if reason:
-                    raise DataError(f"{source}: {key}={value!r} is refused: {reason}; a checkpoint may only name "
-                                    f"spikellm's model and neuron classes ({', '.join(TRUSTED_MODULES)}), "
-                                    "and nothing it names is run")
-                continue
-            if not isinstance(name, (str, int)) or (isinstance(name, str) and "${" in name):
-                raise DataError(f"{source}: the key {name!r} in {path or 'the config'} is refused: a checkpoint "
-                                "holds plain keys and resolved values")
-            check_trusted(value, source, key)
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            check_trusted(value, source, f"{path}.{index}" if path else str(index))
-    elif isinstance(tree, str) and "${" in tree:
-        raise DataError(f"{source}: {path or 'a value'}={tree!r} is refused: a checkpoint holds resolved values, "
-                        "not interpolations")
-
-
-def _untrusted_target(target) -> str | None:
-    """Why ``target`` may not be built from a file, or None when it names a trusted class."""
-    import importlib
-
-    if not isinstance(target, str) or not _TARGET_NAME.fullmatch(target):
-        return "not a dotted name of public attributes"
-    if not any(target == module or target.startswith(module + ".") for module in TRUSTED_MODULES):
-        return "outside spikellm's model and neuron modules"
-    parts = target.split(".")
-    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module, then ONE attribute
-        module_name = ".".join(parts[:cut])
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if cut != len(parts) - 1:
-            return "not a class of a spikellm module"
-        obj = getattr(module, parts[-1], None)
-        defined_in = getattr(obj, "__module__", None) or ""
-        if not inspect.isclass(obj):  # a function may do anything with its arguments (write files...)
-            return "not a class"
-        if not any(defined_in == m or defined_in.startswith(m + ".") for m in TRUSTED_MODULES):
-            return f"it is {defined_in or 'a builtin'}.{getattr(obj, '__qualname__', parts[-1])}, not spikellm's"
-        return None
-    return "no such module"
-
-
-# --------------------------------------------------------------------------------------------
-# The command line, checked before @hydra.main
 
 # flags after which Hydra composes nothing (or prints without running), and those that change
 # where configs come from: the check steps aside and Hydra does what it does
@@ -446,13 +246,13 @@ def _yaml_error(error) -> OverrideError:
     mark = getattr(error, "problem_mark", None)
     where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else "a config file"
     detail = ", ".join(str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None))
-                       if part) or _first_line(error)
+                       if part) or first_line(error)
     return OverrideError(where, None, f"{where} is not valid YAML: {detail}")
 
 
 def _syntax_error(error) -> OverrideError:
     override = getattr(error, "override", "") or ""
-    detail = _first_line(getattr(error, "message", None) or error)
+    detail = first_line(getattr(error, "message", None) or error)
     return OverrideError(override, None, f"cannot parse the override {override!r}: {detail}; see {_SYNTAX}")
 
 
@@ -485,7 +285,7 @@ def _check_values(cfg: DictConfig) -> None:
                 if "HydraConfig was not set" in text or "Missing mandatory value" in text:
                     continue  # ${hydra:...} is set when the run starts; a ??? is reported at its own key
                 raise OverrideError(key, node._value(), f"{key}={node._value()} cannot be resolved: "
-                                                        f"{_first_line(error)}") from None
+                                                        f"{first_line(error)}") from None
 
 
 def _nodes(node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
@@ -516,7 +316,7 @@ def _check_run_dir(cfg: DictConfig) -> None:
         return
     if not run_dir:
         return
-    from spikellm.io import write_failure
+    from spikellm.checkpoints.atomic import write_failure
 
     path = Path(str(run_dir)).expanduser().absolute()
     existing = path
@@ -535,5 +335,31 @@ def _check_run_dir(cfg: DictConfig) -> None:
                             "choose another hydra.run.dir") from None
 
 
-__all__ = ["TRUSTED_MODULES", "build", "build_attention_encoder", "build_neuron", "check_arguments",
-           "check_command_line", "check_trusted"]
+def conf_dir() -> Path:
+    """The config tree (the repository's top-level ``conf/``, installed as the ``spikellm.conf``
+    package data): the same directory whether spikellm runs from a checkout or from a wheel."""
+    from importlib.resources import files
+
+    return Path(str(files("spikellm.conf")))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A :class:`~spikellm.errors.SpikeLLMError` (a bad setting, an unreadable file) ends the
+    command with its one line on stderr and exit status 2, not a traceback."""
+    from spikellm.errors import SpikeLLMError
+
+    try:
+        yield
+    except SpikeLLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main, config_name: str) -> None:
+    """What every entry point does: check the command line against ``conf/<config_name>.yaml``
+    (one line and exit 2 on a mistake, before Hydra prints its several), then run the
+    ``@hydra.main`` function ``main``."""
+    with one_line_errors():
+        check_command_line(conf_dir(), config_name, sys.argv[1:])
+    main()

@@ -1,0 +1,1 @@
+"""The config tree, installed as package data (spikellm.conf): Hydra finds it as pkg://spikellm.conf."""

@@ -1,0 +1,27 @@
+"""Every model file spikellm reads or writes, one module per on-disk format:
+
+- :mod:`~spikellm.checkpoints.atomic`: writes that are never left half-done (files, directories,
+  ``torch.save``) and one-line reasons when a write fails; it imports nothing of spikellm but its
+  errors, so every layer may write through it;
+- :mod:`~spikellm.checkpoints.lightning`: train.py's ``.ckpt`` (atomic saves, the one reader);
+- :mod:`~spikellm.checkpoints.spiking`: the spiking checkpoint (packed integer weights, encoders);
+- :mod:`~spikellm.checkpoints.converted`: a converted Hugging Face model (``spikellm.json``);
+- :mod:`~spikellm.checkpoints.hf`: Hugging Face directories, read and written;
+- :mod:`~spikellm.checkpoints.loader`: :func:`load_model`, which recognises any of them.
+
+Imports here are lazy, so ``spikellm.checkpoints.atomic`` stays as light as it is.
+"""
+from __future__ import annotations
+
+_EXPORTS = {"FORMATS": "loader", "LoadedModel": "loader", "detect_format": "loader", "load_model": "loader"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"spikellm.checkpoints.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'spikellm.checkpoints' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,101 @@
+"""Lightning checkpoints (``.ckpt``) that train.py writes and resumes from, and eval.py reads.
+
+Lightning's own save writes the whole checkpoint to a temporary file in ``$TMPDIR`` and moves it
+into place: across file systems that move is a copy, which a kill can cut short, and nothing is
+synced to disk. :class:`AtomicCheckpointIO` writes beside the target, syncs, and renames: the
+target is the old checkpoint or the new one, never a mix. :func:`read_training_checkpoint` is the
+one reader: it loads without running code, checks the structure, and refuses any ``_target_``
+that is not spikellm's own, once, before anything is built.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from spikellm.checkpoints.atomic import atomic_torch_save, write_failure
+from spikellm.errors import DataError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` whose saves are atomic on local disks (see the module docstring);
+    other file systems (``s3://`` and the like) keep Lightning's transactional save."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        try:
+            atomic_torch_save(checkpoint, Path(path))
+        except OSError as error:  # no space, read-only: one line (the previous checkpoint is intact)
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            raise DataError(f"cannot write the checkpoint {path}: {reason}; the previous one is kept") from None
+
+
+def read_training_checkpoint(path: Path, key: str = "ckpt", resumable: bool = False) -> dict:
+    """The state dict of a Lightning checkpoint written by train.py, loaded as data (never code),
+    checked for the parts train.py writes (``resumable``: the optimizer and loop state too), and
+    with every ``_target_`` of its hyperparameters checked against spikellm's own classes: the one
+    place a ``.ckpt`` is read and trusted. ``key`` names the setting in errors."""
+    import torch
+
+    from spikellm.config.trust import check_trusted
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
+            OSError, AttributeError, TypeError) as error:  # a file that is not a zip goes to the unpickler
+        reason = (str(error).splitlines() or [""])[0].split(". ")[0][:160]
+        raise DataError(f"{key}={path} is not a readable checkpoint ({type(error).__name__}: {reason}); it may be "
+                        "truncated or not written by train.py") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
+        raise DataError(f"{key}={path} is not a train.py checkpoint: it has no state_dict and hyper_parameters")
+    if not isinstance(state["hyper_parameters"], dict) or not isinstance(state["state_dict"], dict):
+        raise DataError(f"{key}={path} is not a train.py checkpoint: its hyper_parameters or state_dict is not a "
+                        "mapping")
+    if resumable and ("optimizer_states" not in state or "loops" not in state):
+        raise DataError(f"{key}={path} holds weights only (no optimizer and loop state), so it cannot resume a "
+                        "run; resume from <run>/checkpoints/last.ckpt")
+    check_trusted(state["hyper_parameters"], path, "hyper_parameters")  # what loading it will build
+    return state
+
+
+def datamodule_state(state: dict) -> dict:
+    """What the data module saved in a checkpoint (its tokenizer, split, stream position), or {}."""
+    return next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
+
+
+def load_training_checkpoint(path: Path, neuron: dict | None = None):
+    """``(model, tokenizer, record)`` of a train.py checkpoint; ``neuron`` (a neuron group as a dict)
+    replaces the encoders it was trained with."""
+    from spikellm.config import build_model
+    from spikellm.data.tokenizer import Tokenizer
+
+    state = read_training_checkpoint(path)
+    hparams = dict(state["hyper_parameters"])
+    if neuron is not None:
+        hparams["neuron"] = neuron
+    if not isinstance(hparams.get("model"), dict):
+        raise DataError(f"{path}: its hyper_parameters do not describe a train.py model (no model group)")
+    model = build_model(hparams["model"], hparams.get("neuron"))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    parameters = dict(model.named_parameters())
+    missing = [k for k in missing if k in parameters]
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not match the model its config describes "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer_state = datamodule_state(state).get("tokenizer")
+    if tokenizer_state is None:
+        raise DataError(f"{path} carries no tokenizer (written before checkpoints stored one); retrain, "
+                        "or evaluate a Hugging Face model directory that has its tokenizer")
+    try:
+        tokenizer = Tokenizer.from_state(tokenizer_state)
+    except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on a corrupt JSON
+        raise DataError(f"{path}: the tokenizer it carries cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
+    return model, tokenizer, {"model": hparams["model"], "neuron": hparams.get("neuron")}
