@@ -30,8 +30,8 @@ from torch.func import functional_call
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
-from spikellm.neurons.functional import round_half_up
 from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.ops.rounding import round_half_up
 from spikellm.posttrain.blocks import BlockInputs, capture_block_inputs, decoder_blocks, floating_point, run_block
 from spikellm.quant.weights import RoundToNearest, WeightQuantizer
 
