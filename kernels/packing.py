@@ -72,17 +72,26 @@ def unpack_weights_reference(packed: Tensor, in_features: int, fmt: str) -> Tens
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, n_cols, packed_cols, BITS: tl.constexpr, PER_BYTE: tl.constexpr,
-                   SIGNED_NIBBLE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
-    byte = tl.load(packed_ptr + row * packed_cols + cols // PER_BYTE, mask=inside, other=0).to(tl.int32)
-    field = (byte >> ((cols % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+def decode_field(byte, col, PER_BYTE: tl.constexpr, SIGNED_NIBBLE: tl.constexpr):
+    """The weight of column ``col`` from its packed int32 ``byte`` (the codes of the module docstring):
+    shared by the unpacking kernel and the spike-driven linear, which unpacks in registers."""
+    BITS: tl.constexpr = 8 // PER_BYTE
+    field = (byte >> ((col % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
     if SIGNED_NIBBLE:
         value = tl.where(field >= 8, field - 16, field)
     else:
         value = field - 1
+    return value
+
+
+@triton.jit
+def _unpack_kernel(packed_ptr, out_ptr, n_cols, packed_cols, PER_BYTE: tl.constexpr, SIGNED_NIBBLE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    byte = tl.load(packed_ptr + row * packed_cols + cols // PER_BYTE, mask=inside, other=0).to(tl.int32)
+    value = decode_field(byte, cols, PER_BYTE, SIGNED_NIBBLE)
     tl.store(out_ptr + row * n_cols + cols, value.to(tl.int8), mask=inside)
 
 
@@ -95,6 +104,6 @@ def unpack_weights(packed: Tensor, in_features: int, fmt: str) -> Tensor:
     out = torch.empty(packed.shape[0], in_features, dtype=torch.int8, device=packed.device)
     block = 1024
     grid = (packed.shape[0], triton.cdiv(in_features, block))
-    _unpack_kernel[grid](packed, out, in_features, packed.shape[1], BITS=8 // per_byte, PER_BYTE=per_byte,
+    _unpack_kernel[grid](packed, out, in_features, packed.shape[1], PER_BYTE=per_byte,
                          SIGNED_NIBBLE=fmt == "int4", BLOCK=block)
     return out

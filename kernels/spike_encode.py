@@ -20,7 +20,7 @@ from torch import Tensor
 def encode_counts_reference(x: Tensor, levels: int, low: int, high: int, signed: bool = True,
                             step: Tensor | None = None, channel_scale: Tensor | None = None):
     """``(counts [M, K] fp32, step [M, 1], count mass Σ|n| [M], non-zero counts [M])`` for ``x [M, K]``."""
-    from spikellm.neurons.functional import quantize_counts
+    from spikellm.ops.rounding import quantize_counts
 
     x = x.float()
     if step is None:

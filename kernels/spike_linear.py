@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from spikellm.kernels.packing import FORMATS, decode_field, packed_width
+
 
 def spike_linear_reference(spikes: Tensor, weight: Tensor, step: Tensor, weight_scale: Tensor,
                            bias: Tensor | None = None, time_weights: Tensor | None = None) -> Tensor:
@@ -39,14 +41,8 @@ def _weight_tile(w_ptr, rk, rn, K, N, packed_cols, PER_BYTE: tl.constexpr, SIGNE
     w_mask = (rk[:, None] < K) & (rn[None, :] < N)
     if PER_BYTE == 1:
         return tl.load(w_ptr + rn[None, :] * packed_cols + rk[:, None], mask=w_mask, other=0)
-    BITS: tl.constexpr = 8 // PER_BYTE
     byte = tl.load(w_ptr + rn[None, :] * packed_cols + rk[:, None] // PER_BYTE, mask=w_mask, other=0).to(tl.int32)
-    field = (byte >> ((rk[:, None] % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
-    if SIGNED_NIBBLE:
-        value = tl.where(field >= 8, field - 16, field)
-    else:
-        value = field - 1
-    return tl.where(w_mask, value, 0).to(tl.int8)
+    return tl.where(w_mask, decode_field(byte, rk[:, None], PER_BYTE, SIGNED_NIBBLE), 0).to(tl.int8)
 
 
 @triton.jit
@@ -92,8 +88,6 @@ def spike_linear(spikes: Tensor, weight: Tensor, step: Tensor, weight_scale: Ten
     Returns:
         ``[M, N]`` fp32, equal to :func:`spike_linear_reference`.
     """
-    from spikellm.kernels.packing import FORMATS, packed_width
-
     train = spikes if spikes.dim() == 3 else spikes.unsqueeze(0)
     if weight_format not in FORMATS:
         raise ValueError(f"unknown weight format {weight_format!r}; one of {', '.join(FORMATS)}")

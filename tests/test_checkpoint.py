@@ -22,7 +22,7 @@ from spikellm.config import build_neuron
 from spikellm.errors import ConfigError, DataError
 from spikellm.kernels import packed_width
 from spikellm.models import LlamaConfig
-from spikellm.nn.hadamard import hadamard_transform
+from spikellm.ops.hadamard import hadamard_transform
 from spikellm.neurons.stats import spike_report, track_spikes
 from spikellm.nn.kernel_linear import kernel_eligible, use_kernels
 

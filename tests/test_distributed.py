@@ -11,7 +11,7 @@ from spikellm.config import build
 # train.py's overrides shared by every run below: the smoke model, the non-finite guard on (its
 # per-step all-gather runs under DDP too), validation after every step
 COMMON = ["experiment=smoke", "trainer.max_steps=3", "trainer.val_check_interval=1",
-          "++callbacks.non_finite._target_=spikellm.training.callbacks.StopOnNonFinite"]
+          "++callbacks.non_finite._target_=spikellm.training.nonfinite.StopOnNonFinite"]
 TWO_PROCESSES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
 
 

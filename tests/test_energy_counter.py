@@ -49,7 +49,7 @@ def test_rotated_layer_counts_the_spikes_of_the_rotated_input():
     torch.manual_seed(0)
     layer = SpikingLinear(8, 3, encoder=TernaryEncoder(bits=4), rotate=True)
     x = torch.randn(2, 8)
-    from spikellm.nn.hadamard import hadamard_transform
+    from spikellm.ops.hadamard import hadamard_transform
     counts, _ = layer.encoder.encode(hadamard_transform(x))
     assert count(layer, x).layers[0].spikes == counts.abs().sum().item()
 

@@ -4,7 +4,7 @@ import torch
 
 from spikellm.errors import ConfigError
 from spikellm.neurons import TernaryEncoder
-from spikellm.neurons.functional import round_half_up
+from spikellm.ops.rounding import round_half_up
 from spikellm.nn import SpikingLinear
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from spikellm.errors import SpikeLLMError
 from spikellm.neurons import TernaryEncoder
 from spikellm.neurons.stats import spike_report, track_spikes
-from spikellm.training.callbacks import StopOnNonFinite, TrainingDiverged
+from spikellm.training.nonfinite import StopOnNonFinite, TrainingDiverged
 
 
 class _NanGradient(torch.autograd.Function):
@@ -164,7 +164,7 @@ def test_train_py_stops_on_divergence_and_keeps_the_last_good_checkpoint(tmp_pat
         "train.py", "experiment=smoke", "task.lr=1e30", "callbacks=default", "trainer.max_steps=6",
         "trainer.val_check_interval=1", "trainer.limit_val_batches=1",  # a checkpoint after the first step
         "++callbacks.model_checkpoint.save_on_exception=true",  # even so, nothing is saved after the error
-        "++callbacks.non_finite._target_=spikellm.training.callbacks.StopOnNonFinite",
+        "++callbacks.non_finite._target_=spikellm.training.nonfinite.StopOnNonFinite",
         "+callbacks.snapshot._target_=test_nonfinite.SnapshotCheckpoints",
         f"+callbacks.snapshot.directory={checkpoints}", f"+callbacks.snapshot.output={snapshot}",
         f"hydra.run.dir={run}")

@@ -7,7 +7,7 @@ import torch
 from spikellm.errors import ConfigError
 from spikellm.neurons import TernaryEncoder
 from spikellm.nn import SpikingLinear
-from spikellm.nn.hadamard import hadamard_transform
+from spikellm.ops.hadamard import hadamard_transform
 
 
 def sylvester(n: int) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 
 from spikellm.kernels import encode_counts, encode_counts_reference
 from spikellm.neurons import BitPlaneEncoder, GIFEncoder, IFEncoder, TernaryEncoder
-from spikellm.neurons.functional import (quantile_bound, quantize_counts, round_half_away, round_half_up,
-                                         ternary_spike_train, ternary_surrogate_value)
+from spikellm.neurons.functional import quantile_bound, ternary_spike_train, ternary_surrogate_value
 from spikellm.nn import SpikingLinear
 from spikellm.nn.kernel_linear import use_kernels
+from spikellm.ops.rounding import quantize_counts, round_half_away, round_half_up
 from spikellm.quant import RoundToNearest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from spikellm.errors import ConfigError
-from spikellm.nn.hadamard import hadamard_block
 from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
+from spikellm.ops.hadamard import hadamard_block
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.errors import ConfigError
-from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound, straight_through
+from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound
+from spikellm.ops.rounding import straight_through
 
 GRANULARITIES = ("token", "channel")
 THRESHOLDS = ("bound", "mean")

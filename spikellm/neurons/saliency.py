@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
-from spikellm.nn.spiking_linear import SpikingLinear
 
 Batch = Tensor | tuple | list
 Forward = Callable[[nn.Module, Batch], object]
@@ -74,9 +73,13 @@ def channel_saliency(x: Tensor, weight: Tensor) -> Tensor:
     return (total / count).to(dtype)
 
 
-def _encoded_linears(model: nn.Module) -> dict[str, SpikingLinear]:
-    """``{module name: layer}`` of every SpikingLinear with an encoder (a bare layer is named "")."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SpikingLinear) and m.encoder is not None}
+def _encoded_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: layer}`` of every SpikingLinear with an encoder (a bare layer is named "").
+
+    A SpikingLinear is told by what it has, ``effective_weight`` (only it defines one) and an
+    ``encoder``, not by its class: ``spikellm.nn`` sits above this layer and is not imported."""
+    layers = {name: m for name, m in model.named_modules()
+              if callable(getattr(m, "effective_weight", None)) and getattr(m, "encoder", None) is not None}
     if not layers:
         raise ConfigError("model", type(model).__name__,
                           "has no SpikingLinear with an encoder: Optimal Brain Spiking allocates the steps of "
@@ -101,7 +104,7 @@ class SaliencyAccumulator:
                          for name, layer in self.layers.items()]
 
     def _hook(self, name: str):
-        def hook(layer: SpikingLinear, args: tuple, kwargs: dict):
+        def hook(layer: nn.Module, args: tuple, kwargs: dict):
             x = args[0] if args else kwargs["x"]  # SpikingLinear.forward(x), positional or keyword
             with torch.no_grad():  # calibration inside a training step must not build a graph
                 total, count = _saliency_sum(x, layer.effective_weight())

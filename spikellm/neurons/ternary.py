@@ -6,7 +6,8 @@ from torch import Tensor
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder, threshold_repr
-from spikellm.neurons.functional import quantize_counts, ternary_spike_train, ternary_surrogate_value
+from spikellm.neurons.functional import ternary_spike_train, ternary_surrogate_value
+from spikellm.ops.rounding import quantize_counts
 
 RESIDUALS = ("drop", "outlier")
 

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.neurons.base import SpikeEncoder, threshold_repr
-from spikellm.neurons.functional import quantize_counts
+from spikellm.ops.rounding import quantize_counts
 from spikellm.neurons.rate_functional import count_limit
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spikellm.nn.hadamard import hadamard_transform
 from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.ops.hadamard import hadamard_transform
 
 
 def kernel_eligible(layer: SpikingLinear) -> bool:

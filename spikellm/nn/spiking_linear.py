@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.nn.hadamard import hadamard_block, hadamard_transform
+from spikellm.ops.hadamard import hadamard_block, hadamard_transform
 from spikellm.quant.weights import WeightQuantizer
 
 EncoderFactory = Callable[[], SpikeEncoder]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,19 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: Tensor 
     hidden = inputs.hidden[index] if hidden is None else hidden
     out = block(hidden, *inputs.args[index], **inputs.kwargs[index])
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def observe_inputs(block: nn.Module, inputs: BlockInputs, observers: dict[str, Callable[[Tensor], None]]) -> None:
+    """Run ``block`` over every calibration batch while ``observers[name](x)`` sees the input ``x`` of
+    each named submodule (forward pre-hooks, removed afterwards even if a batch fails)."""
+    handles = [block.get_submodule(name).register_forward_pre_hook(lambda module, args, see=see: see(args[0]))
+               for name, see in observers.items()]
+    try:
+        for i in range(len(inputs.hidden)):
+            run_block(block, inputs, i)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

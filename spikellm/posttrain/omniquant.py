@@ -19,6 +19,7 @@ included) are the ones folded in, so calibration never leaves a block worse than
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ from torch.func import functional_call
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
-from spikellm.neurons.functional import round_half_up
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.posttrain.blocks import BlockInputs, capture_block_inputs, decoder_blocks, floating_point, run_block
+from spikellm.ops.rounding import round_half_up
+from spikellm.posttrain.blocks import (BlockInputs, capture_block_inputs, decoder_blocks, floating_point,
+                                      observe_inputs, run_block)
 from spikellm.quant.weights import RoundToNearest, WeightQuantizer
 
 log = logging.getLogger(__name__)
@@ -175,19 +177,13 @@ class SmoothingScales(nn.Module):
 @torch.no_grad()
 def _input_absmax(block: nn.Module, inputs: BlockInputs, names: list[str]) -> dict[str, Tensor]:
     maxima: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            maxima[name] = x if name not in maxima else torch.maximum(maxima[name], x)
-        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with floating_point(block):
-            for i in range(len(inputs.hidden)):
-                run_block(block, inputs, i)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def absmax(name: str, x: Tensor) -> None:
+        x = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        maxima[name] = x if name not in maxima else torch.maximum(maxima[name], x)
+
+    with floating_point(block):
+        observe_inputs(block, inputs, {name: functools.partial(absmax, name) for name in names})
     return maxima
 
 

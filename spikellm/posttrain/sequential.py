@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from spikellm.errors import ConfigError
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.posttrain.blocks import capture_block_inputs, decoder_blocks, run_block
+from spikellm.posttrain.blocks import capture_block_inputs, decoder_blocks, observe_inputs, run_block
 from spikellm.quant.gptq import LayerHessian
 from spikellm.quant.weights import RoundToNearest
 
@@ -60,14 +60,7 @@ def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 1
                 raise ConfigError("model", type(model).__name__, "has no SpikingLinear in its blocks: spikify it first")
             grids = {name: _grid_of(f"block {index} {name}", layer, grid) for name, layer in layers.items()}
             hessians = {name: LayerHessian(layer) for name, layer in layers.items()}
-            handles = [layer.register_forward_pre_hook(lambda m, args, h=hessians[name]: h.add(args[0]))
-                       for name, layer in layers.items()]
-            try:
-                for i in range(len(inputs.hidden)):
-                    run_block(block, inputs, i)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            observe_inputs(block, inputs, {name: hessian.add for name, hessian in hessians.items()})
             for name, layer in layers.items():
                 original = layer.weight.detach().clone().double()
                 layer.weight_quantizer = None

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError
-from spikellm.neurons.functional import round_half_up, straight_through
+from spikellm.ops.rounding import round_half_up, straight_through
 
 
 @dataclass(frozen=True)

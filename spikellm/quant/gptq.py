@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.errors import ConfigError
-from spikellm.neurons.functional import round_half_up
+from spikellm.ops.rounding import round_half_up
 from spikellm.quant.weights import RoundToNearest
 
 
@@ -193,7 +193,7 @@ class LayerHessian:
 
     def add(self, x: Tensor) -> None:
         if self.rotate:
-            from spikellm.nn.hadamard import hadamard_transform
+            from spikellm.ops.hadamard import hadamard_transform
 
             x = hadamard_transform(x.float())
         self.accumulator.add_batch(x)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from spikellm.checks import check_bool, check_float, check_int
-from spikellm.neurons.functional import round_half_up, straight_through
+from spikellm.ops.rounding import round_half_up, straight_through
 from spikellm.quant.weights import WeightQuantizer
 
 

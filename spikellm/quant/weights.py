@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from spikellm.errors import ConfigError
 from spikellm.checks import check_int
-from spikellm.neurons.functional import round_half_up, straight_through
+from spikellm.ops.rounding import round_half_up, straight_through
 
 
 class WeightQuantizer(nn.Module):
