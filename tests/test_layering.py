@@ -11,21 +11,19 @@ import ast
 from conftest import ROOT
 
 # Bottom to top; each entry names a package or module and everything under it that no more
-# specific entry names. Planned ones are listed too (checkpoints/, entry_points.py: issue 15;
-# generation.py: the generation issue), so they land where they were meant to before they exist.
+# specific entry names.
 LAYERS = [
     ("spikellm.errors",),
-    # atomic writes: energy reports and the config's write probe write files too, so io.py stays
-    # at the bottom, also once it moves into checkpoints/ (issue 15)
-    ("spikellm.checks", "spikellm.io", "spikellm.checkpoints.atomic"),
+    # atomic writes: energy reports, the data cache and the config's write probe write files too,
+    # so checkpoints/atomic.py imports nothing above errors and sits at the bottom
+    ("spikellm.checks", "spikellm.checkpoints.atomic"),
     ("spikellm.config", "spikellm.ops"),  # config builds what it names by importlib, not by import
     ("spikellm.neurons", "spikellm.quant", "spikellm.kernels"),
     ("spikellm.nn",),
     ("spikellm.energy", "spikellm.sparsity"),  # they see nn layers; models declare their work to them
     ("spikellm.models",),
     ("spikellm.data",),
-    ("spikellm.checkpoints",),
-    ("spikellm.checkpoint",),  # the spiking checkpoint, moving into checkpoints/ (issue 15)
+    ("spikellm.checkpoints",),  # every model file: one module per format, and load_model
     ("spikellm.generation",),
     ("spikellm.training", "spikellm.evaluation"),
     ("spikellm.posttrain",),  # conversion runs QAT, so it sits on training
@@ -40,10 +38,6 @@ KNOWN_VIOLATIONS = {
     ("spikellm.energy.counter", "spikellm.models.llama"),
     ("spikellm.energy.counter", "spikellm.models.matmulfree"),
     ("spikellm.energy.estimator", "spikellm.models.llama"),
-    # issue 15, spikellm/checkpoints/: evaluation loads every format through one load_model
-    # instead of reaching into training and posttrain for the .ckpt task and the converted record
-    ("spikellm.evaluation.loading", "spikellm.training.task"),
-    ("spikellm.evaluation.loading", "spikellm.posttrain.export"),
 }
 
 

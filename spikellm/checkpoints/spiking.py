@@ -26,7 +26,7 @@ from torch import Tensor
 
 from spikellm.errors import ConfigError, DataError
 from spikellm.checkpoints.atomic import atomic_directory
-from spikellm.nn.hadamard import hadamard_transform
+from spikellm.ops.hadamard import hadamard_transform
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.quant.ternary import TernaryAbsMean
 from spikellm.quant.weights import RoundToNearest
