@@ -46,6 +46,14 @@ pass the counts themselves to :func:`record_encoded`. Both follow the same rules
 
   The outlier stream of K and V adds one MAC per fan-out. Softmax, the scores, P and the KV cache's
   memory are not counted.
+
+  With a KV cache (:class:`~spikellm.models.llama.KVCache`, cached decoding) a forward's queries are
+  the new tokens ``start .. start + T - 1`` and they read every cached key: float products cost
+  ``Σ_i (i + 1) × head_dim`` over the new ``i`` only; each new key or value is encoded (its spikes
+  counted) once, and every key ``j`` reaches the new queries ``i >= j``. The counter keeps a few
+  sums per cached key (its spikes, levels, non-zero elements, outliers) to charge them to each new
+  query, so a sequence decoded token by token counts exactly what one forward over it counts.
+  Attach the counter before a sequence's first tokens. Padding is counted as the work it is.
 * the MatMul-free LM's recurrence ``h_t = f_t ⊙ h_{t-1} + (1 - f_t) ⊙ c_t``: two MACs per channel
   and token (kind ``recurrence``), the work that replaces the attention products;
 * the lm_head, ``tokens × dim × vocab`` MACs.
@@ -55,6 +63,7 @@ Embeddings, norms, softmax and SiLU stay floating point and are not counted (DES
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict, fields
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +92,8 @@ class OperationCounter:
         self._handles = []
         self._order: dict[str, int] = defaultdict(int)
         self._tallied: dict[str, SpikingLinear] = {}  # encoded projections, counted from their tallies
+        self._windows: dict[str, tuple[int, int, bool]] = {}  # attention: (start, new tokens, cached)
+        self._key_sums: dict[tuple[str, str], Tensor] = {}  # per cached key/value row: what it reaches with
         for index, (name, module) in enumerate(model.named_modules()):
             self._order[name] = index
             if isinstance(module, SpikingLinear) and module.encoder is not None:
@@ -91,9 +102,11 @@ class OperationCounter:
             elif isinstance(module, SpikingLinear):
                 self._handles.append(module.register_forward_hook(self._projection_hook(name)))
             elif isinstance(module, Attention):
+                self._handles.append(module.register_forward_pre_hook(self._attention_window(name), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._attention_hook(name, module)))
-                for encoder in (module.encoder or {}).values():
-                    self._handles.append(encoder.register_forward_hook(self._attention_encoder_hook(name, module)))
+                for role, encoder in (module.encoder or {}).items():
+                    hook = self._attention_encoder_hook(name, module, role)
+                    self._handles.append(encoder.register_forward_hook(hook))
             elif isinstance(module, MLGRU):
                 self._handles.append(module.register_forward_hook(self._recurrence_hook(name)))
             elif isinstance(module, nn.Linear) and name.endswith("lm_head"):
@@ -149,11 +162,20 @@ class OperationCounter:
             ops.macs += nonzero * layer.out_features
         return hook
 
+    def _attention_window(self, name: str):
+        def hook(module, inputs, kwargs):
+            cache = kwargs.get("cache", inputs[4] if len(inputs) > 4 else None)
+            start = 0 if cache is None else cache.length
+            self._windows[name] = (start, inputs[0].shape[1], cache is not None)
+        return hook
+
     def _attention_hook(self, name: str, attention):
         def hook(module, inputs, output):
-            batch, seq = inputs[0].shape[0], inputs[0].shape[1]
-            # query i attends to keys 0..i: Σ_i (i + 1) = T(T+1)/2 pairs per query head and sequence
-            pairs = batch * attention.n_heads * seq * (seq + 1) // 2
+            batch = inputs[0].shape[0]
+            start, seq, _ = self._windows[name]
+            # query i attends to keys 0..i: Σ_i (i + 1) pairs per query head and sequence over the
+            # new queries i = start .. start + T - 1 (T(T+1)/2 without a cache)
+            pairs = batch * attention.n_heads * (seq * start + seq * (seq + 1) // 2)
             ops = self._layer(f"{name}.products", "attention")
             ops.tokens += batch * seq
             ops.dense_macs += 2 * pairs * attention.head_dim  # Q·Kᵀ and P·V
@@ -161,17 +183,29 @@ class OperationCounter:
                 ops.macs += 2 * pairs * attention.head_dim
         return hook
 
-    def _attention_encoder_hook(self, name: str, attention):
+    def _attention_encoder_hook(self, name: str, attention, role: str):
         @torch.no_grad()
         def hook(encoder, inputs, output):
-            x = inputs[0]  # K after RoPE, or V: [B, H_kv, T, D]
+            # K after RoPE, or V: [B, H_kv, rows, D]; with a cache, a per-channel encoder's input
+            # starts with the carried running maximum: this forward's keys are the last T rows
+            x = inputs[0]
+            start, seq, cached = self._windows[name]
             counts, step = encoder.encode(x)
-            seq = x.shape[-2]
-            # key/value j reaches the T - j queries i >= j of every query head of its group
-            queries = torch.arange(seq, 0, -1, device=x.device, dtype=torch.float64)
-            fan_out = (queries * (attention.n_heads // attention.n_kv_heads)).unsqueeze(-1)  # [T, 1]
-            record_encoded(self._layer(f"{name}.products", "attention"), encoder, counts,
-                           encoder.outlier_counts(x, step, counts), fan_out)
+            outliers = encoder.outlier_counts(x, step, counts)
+            counts, outliers = counts[..., -seq:, :], None if outliers is None else outliers[..., -seq:, :]
+            ops = self._layer(f"{name}.products", "attention")
+            sums = record_encoded_rows(ops, encoder, counts, outliers)  # [B, H_kv, T, 4]
+            if cached:
+                previous = self._key_sums.get((name, role)) if start else None
+                if start and (previous is None or previous.shape[-2] != start):
+                    raise ValueError(f"{name}: the operation counter was attached after the first {start} tokens "
+                                     "of a cached sequence; attach it before the sequence's first forward")
+                sums = sums if previous is None else torch.cat([previous, sums], dim=-2)
+                self._key_sums[(name, role)] = sums
+            # key/value j reaches the new queries i >= j (start <= i < start + T) of every query head of its group
+            positions = torch.arange(start + seq, device=x.device, dtype=torch.float64)
+            queries = start + seq - positions.clamp_min(start)
+            record_reach(ops, encoder, sums, (queries * (attention.n_heads // attention.n_kv_heads)).unsqueeze(-1))
         return hook
 
     def _recurrence_hook(self, name: str):
@@ -194,11 +228,40 @@ class OperationCounter:
             ops.dense_macs += tokens * layer.in_features * layer.out_features
         return hook
 
-    def report(self, cost: CostModel) -> EnergyReport:
+    def snapshot(self) -> tuple[dict[str, LayerOps], int, int]:
+        """The counts so far (a copy), to report what later forwards add (``report(cost, since=...)``)."""
         self._fold_tallies()
-        layers = sorted(self.ops.values(),
+        return {name: LayerOps(**asdict(ops)) for name, ops in self.ops.items()}, self.tokens, self.sequences
+
+    def report(self, cost: CostModel, since: tuple[dict[str, LayerOps], int, int] | None = None,
+               until: tuple[dict[str, LayerOps], int, int] | None = None, sequences: int | None = None) -> EnergyReport:
+        """The counted operations priced on ``cost``; ``since``/``until``: only those after/up to these
+        :meth:`snapshot`\ s; ``sequences``: how many sequences they belong to (default: the batch rows
+        of every forward)."""
+        ops, tokens, counted = self.snapshot() if until is None else until
+        layers = sorted(ops.values(),
                         key=lambda ops: self._order[ops.name.removesuffix(".products").removesuffix(".recurrence")])
-        return EnergyReport(cost=cost, tokens=self.tokens, sequences=self.sequences, layers=layers)
+        if since is not None:
+            before, tokens_before, sequences_before = since
+            layers = [_difference(ops, before.get(ops.name)) for ops in layers]
+            tokens, counted = tokens - tokens_before, counted - sequences_before
+        return EnergyReport(cost=cost, tokens=tokens, sequences=counted if sequences is None else sequences,
+                            layers=layers)
+
+
+#: LayerOps fields that describe a layer rather than add up over forwards
+_DESCRIPTIVE = ("name", "kind", "in_features", "out_features", "encoded", "steps")
+
+
+def _difference(after: LayerOps, before: LayerOps | None) -> LayerOps:
+    """What ``after`` counted beyond ``before`` (the same layer, earlier)."""
+    if before is None:
+        return LayerOps(**asdict(after))
+    values = {}
+    for f in fields(LayerOps):
+        value = getattr(after, f.name)
+        values[f.name] = value if f.name in _DESCRIPTIVE else value - getattr(before, f.name)
+    return LayerOps(**values)
 
 
 def graded(encoder: SpikeEncoder) -> bool:
@@ -254,23 +317,29 @@ def record_tally(ops: LayerOps, layer: SpikingLinear, tally) -> None:
     ops.macs += numbers["outlier_events"] * out
 
 
-@torch.no_grad()
 def record_encoded(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outliers: Tensor | None,
                    fan_out: int | Tensor) -> None:
     """Add one encoded input to ``ops``: ``counts`` (and the ``outliers`` stream, or None) of the
-    input elements, each reaching ``fan_out`` outputs (an int, or a tensor that broadcasts against
-    ``counts``: the queries of each key). The one place where counts become operations (see the
-    module docstring); a per-channel step turns each non-zero element's work into MACs."""
+    input elements, every element of a row (token) reaching ``fan_out`` outputs (an int, or a
+    ``[T, 1]`` tensor: the queries of each key). The one place where counts become operations (see
+    the module docstring), in two parts: :func:`record_encoded_rows` (the input's own spikes, once)
+    and :func:`record_reach` (their work per output reached); a per-channel step turns each non-zero
+    element's work into MACs."""
+    fan = fan_out if isinstance(fan_out, Tensor) else torch.tensor(float(fan_out), dtype=torch.float64)
+    record_reach(ops, encoder, record_encoded_rows(ops, encoder, counts, outliers), fan.to(counts.device))
+
+
+@torch.no_grad()
+def record_encoded_rows(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outliers: Tensor | None) -> Tensor:
+    """:func:`record_encoded`'s terms that do not depend on the fan-out (the spikes of ``counts``,
+    elements, non-zero inputs, outliers), added to ``ops``; returns per row (token) of ``counts``
+    ``[..., T, 4]`` float64 the sums its reach multiplies: spikes, levels, non-zero elements
+    (per-channel step) or 1 for a row with a non-zero element (per-token step), outliers."""
     spikes = encoder.spikes_per_count(counts).to(torch.float64)
     levels = encoder.spike_levels(counts).to(torch.float64)
     counted = counts != 0
     nonzero = counted if outliers is None else counted | (outliers != 0)
-    fan = fan_out if isinstance(fan_out, Tensor) else torch.tensor(float(fan_out), dtype=torch.float64)
-    fan = fan.to(device=counts.device, dtype=torch.float64)
-
-    def reach(per_element: Tensor) -> float:  # Σ per_element × fan_out
-        return (per_element * fan).sum().item()
-
+    stream = None if outliers is None else (outliers != 0).to(torch.float64)
     ops.encoded = True
     ops.spikes += spikes.sum().item()
     ops.spike_levels += levels.sum().item()
@@ -283,19 +352,29 @@ def record_encoded(ops: LayerOps, encoder: SpikeEncoder, counts: Tensor, outlier
         elements = counted.sum().item()
         ops.scale_macs += elements
         ops.float_inputs += elements
-        ops.macs += reach(counted.to(torch.float64))
+        reached = counted.to(torch.float64).sum(-1)
     else:
-        sops = reach(spikes)
-        ops.sops += sops
-        ops.level_sops += reach(levels)
-        if graded(encoder):
-            ops.graded_sops += sops
-        # the step of a token (key, value) times each output its elements reached, once per token
-        # with a non-zero element: Δ_t·Σ rows per output, P_ij·Δ_Vj / q_i·Δ_Kj per query and head
-        rows = nonzero.any(dim=-1).to(torch.float64)
-        ops.scale_macs += (rows * (fan.squeeze(-1) if fan.dim() else fan)).sum().item() * token_steps(encoder)
-    if outliers is not None:
-        stream = (outliers != 0).to(torch.float64)
+        reached = nonzero.any(dim=-1).to(torch.float64)
+    if stream is not None:
         ops.outliers += stream.sum().item()
         ops.float_inputs += stream.sum().item()
-        ops.macs += reach(stream)
+    outlier_rows = torch.zeros_like(reached) if stream is None else stream.sum(-1)
+    return torch.stack([spikes.sum(-1), levels.sum(-1), reached, outlier_rows], dim=-1)
+
+
+@torch.no_grad()
+def record_reach(ops: LayerOps, encoder: SpikeEncoder, sums: Tensor, fan_out: Tensor) -> None:
+    """Add the work of rows with :func:`record_encoded_rows`'s ``sums [..., T, 4]``, row ``j``
+    reaching ``fan_out[j]`` outputs (``[T, 1]``): synaptic operations (or, with a per-channel step,
+    MACs), the per-token scale products, the outlier stream's MACs."""
+    reach = (sums * fan_out.to(sums)).sum(dim=tuple(range(sums.dim() - 1)))
+    spikes, levels, reached, outliers = reach.tolist()
+    if encoder.granularity == "channel":
+        ops.macs += reached
+    else:
+        ops.sops += spikes
+        ops.level_sops += levels
+        if graded(encoder):
+            ops.graded_sops += spikes
+        ops.scale_macs += reached * token_steps(encoder)
+    ops.macs += outliers

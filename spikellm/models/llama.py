@@ -8,7 +8,7 @@ weight quantizer the model is a plain LLaMA.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -86,6 +86,46 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 AttentionEncoderFactory = Callable[[str], SpikeEncoder]
 
 
+@dataclass
+class LayerCache:
+    """One layer's keys and values so far, ``[B, H_kv, T, D]`` as attention reads them (after RoPE,
+    encoded when the products spike), and the per-channel running maxima (``|K|``, by role) that a
+    per-channel encoder continues, ``[B, H_kv, 1, D]``."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    bounds: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=-2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=-2)
+        return self.keys, self.values
+
+
+@dataclass
+class KVCache:
+    """The decoder's cache, one :class:`LayerCache` per layer; pass the same one to every forward
+    of a sequence (each forward appends its tokens)."""
+
+    layers: list[LayerCache]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in (layer.keys, layer.values, *layer.bounds.values())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention; optionally with spiking attention products (§3.5, §4).
 
@@ -103,6 +143,12 @@ class Attention(nn.Module):
     Training runs the collapsed form, SDPA on ``n·Δ`` with straight-through gradients, so it costs
     what dense attention costs; :func:`spiking_attention_temporal` runs the trains and equals it.
     Softmax, the scores and P stay in floating point. Without ``encoder`` this is plain attention.
+
+    With a :class:`LayerCache` the new tokens' (encoded) keys and values are appended to it and
+    the queries attend to all of them. A per-token code depends on its own token only, so cached
+    keys are what a recomputation gives; a per-channel code's running maximum is carried in the
+    cache (``bounds``) and continued: the encoder sees it as a first row before the new keys
+    (``max`` is exact, so the steps are those of a full forward) and that row is dropped.
     """
 
     def __init__(self, cfg: LlamaConfig, linear):
@@ -123,20 +169,43 @@ class Attention(nn.Module):
         # named ``encoder`` like SpikingLinear's, so state-dict filters for ``.encoder.`` cover it
         self.encoder = nn.ModuleDict(encoders)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, T, D]`` (collapsed form)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+               cache: LayerCache | None = None) -> Tensor:
+        """Attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, T, D]`` (collapsed form), causal,
+        or as ``mask`` allows (bool, True where a query may read a key; with a cache it spans the
+        cached keys too)."""
         if self.encoder is not None:
-            k, v = self.encoder["key"](k), self.encoder["value"](v)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            k, v = self.encode(k, "key", cache), self.encode(v, "value", cache)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def encode(self, x: Tensor, role: str, cache: LayerCache | None) -> Tensor:
+        """``x`` through the role's encoder, a per-channel running maximum continued from the cache."""
+        encoder = self.encoder[role]
+        if cache is None or encoder.granularity != "channel":
+            return encoder(x)
+        bound = encoder.magnitude(x).amax(dim=-2, keepdim=True)
+        previous = cache.bounds.get(role)
+        if previous is None:
+            encoded = encoder(x)
+        else:
+            encoded = encoder(torch.cat([previous.to(x.dtype), x], dim=-2))[..., 1:, :]
+            bound = torch.maximum(previous, bound)
+        cache.bounds[role] = bound
+        return encoded
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
         batch, seq, _ = x.shape
         q, k, v = shared_input_linears(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attend(q, k, v)
+        out = self.attend(q, k, v, mask, cache)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -187,8 +256,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, linear)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,19 +292,54 @@ class SpikingLlama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_decoder_weights(self, config.n_layers)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """``input_ids [B, T]`` → logits ``[B, T, vocab]``."""
-        seq = input_ids.shape[1]
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        """``input_ids [B, T]`` → logits ``[B, T, vocab]``.
+
+        ``cache``: a :class:`KVCache` holding the sequence's earlier tokens (these continue it, and
+        are appended). ``attention_mask [B, T_cached + T]``: 1 for tokens, 0 for (left) padding,
+        as in ``transformers``; positions count tokens only, so a left-padded prompt computes
+        what it computes alone. Padding embeds to zero (so its keys raise no per-channel running
+        maximum) and is never read (a padding query reads itself only, to stay finite).
+        """
+        batch, seq = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if start + seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        mask = None
+        if attention_mask is None:
+            cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
+            if start and seq > 1:  # new queries over cached and new keys, causally
+                mask = _causal(start, seq, x.device)
+        else:
+            valid = attention_mask.to(device=x.device, dtype=torch.bool)
+            if valid.shape != (batch, start + seq):
+                raise ValueError(f"attention_mask of shape {tuple(valid.shape)}, expected {(batch, start + seq)}")
+            positions = (valid.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            mask = (_causal(start, seq, x.device) & valid[:, None, None, :]) | _diagonal(start, seq, x.device)
+            x = x * valid[:, start:, None].to(x.dtype)  # padding embeds to zero: its keys raise no running max
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask=mask, cache=None if cache is None else cache.layers[index])
         return self.lm_head(self.norm(x))
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(len(self.layers))
 
     def spiking_linears(self) -> dict[str, SpikingLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SpikingLinear)}
+
+
+def _causal(start: int, seq: int, device) -> Tensor:
+    """``[seq, start + seq]`` bool: query ``start + i`` reads keys ``j <= start + i``."""
+    return torch.ones(seq, start + seq, dtype=torch.bool, device=device).tril(start)
+
+
+def _diagonal(start: int, seq: int, device) -> Tensor:
+    """``[seq, start + seq]`` bool: each query's own key."""
+    return torch.ones(seq, start + seq, dtype=torch.bool, device=device).tril(start).triu(start)
 
 
 def init_decoder_weights(model: nn.Module, n_layers: int) -> None:

@@ -131,9 +131,13 @@ class MLGRU(nn.Module):
         candidate = _silu(i.float(), spec)
         return forget, (1 - forget) * candidate, g
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x [B, T, dim]``, ``state [B, dim]`` (None: zeros) → ``(out [B, T, dim], final state)``."""
+    def forward(self, x: Tensor, state: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, dim]``, ``state [B, dim]`` (None: zeros) → ``(out [B, T, dim], final state)``;
+        where ``mask [B, T]`` is False (padding) the state passes unchanged (f = 1, no input)."""
         forget, inputs, g = self.gates(x)
+        if mask is not None:
+            keep = mask[..., None]
+            forget, inputs = forget.masked_fill(~keep, 1.0), inputs.masked_fill(~keep, 0.0)
         states, final = self.scan(forget, inputs, state)
         out = self.g_norm(states.to(x.dtype)) * _silu(g, self.hardware)
         return self.o_proj(_fixed(out, self.hardware)), final
@@ -189,8 +193,8 @@ class Block(nn.Module):
         self.mlp = GLU(cfg, linear)
         self.hardware: HardwareQuant | None = None
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mixed, state = self.token_mixer(self.input_layernorm(x), state)
+    def forward(self, x: Tensor, state: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mixed, state = self.token_mixer(self.input_layernorm(x), state, mask)
         x = _fixed(x + mixed, self.hardware)
         return _fixed(x + self.mlp(self.post_attention_layernorm(x)), self.hardware), state
 
@@ -213,18 +217,23 @@ class MatMulFreeLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         init_decoder_weights(self, config.n_layers)
 
-    def forward(self, input_ids: Tensor, state: list[Tensor] | None = None,
-                return_state: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(self, input_ids: Tensor, state: list[Tensor] | None = None, return_state: bool = False,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``input_ids [B, T]`` → logits ``[B, T, vocab]`` (and each layer's final state ``[B, dim]``).
 
         ``state``: the layers' states after earlier tokens, to continue a sequence in chunks.
+        ``attention_mask [B, T]`` (of these tokens; the state carries the past): 0 at (left)
+        padding, which leaves every state as it was, so a padded prompt ends in its own state.
         """
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state holds {len(state)} layers' states, the model has {len(self.layers)}")
+        mask = None if attention_mask is None else attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if mask is not None and mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)}, expected {tuple(input_ids.shape)}")
         x = self.embed_tokens(input_ids)
         finals = []
         for index, layer in enumerate(self.layers):
-            x, final = layer(x, None if state is None else state[index])
+            x, final = layer(x, None if state is None else state[index], mask)
             finals.append(final)
         logits = self.lm_head(self.norm(x))
         return (logits, finals) if return_state else logits
@@ -234,8 +243,9 @@ class MatMulFreeLM(nn.Module):
         """Recurrent inference: one token per sequence, ``input_ids [B]`` → ``(logits [B, vocab], state)``.
 
         Constant time and memory per token; the states equal those of :meth:`forward` on the whole prefix.
+        Called as a module (hooks, such as the operation counter's, see every step).
         """
-        logits, state = self.forward(input_ids.reshape(-1, 1), state, return_state=True)
+        logits, state = self(input_ids.reshape(-1, 1), state, return_state=True)
         return logits[:, 0], state
 
     def spiking_linears(self) -> dict[str, SpikingLinear]:
