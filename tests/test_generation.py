@@ -126,7 +126,7 @@ def test_padded_logits_equal_unpadded(one_thread):
 
 
 def test_dense_export_generates_the_same_tokens_in_transformers(one_thread):
-    from spikellm.models.hf import to_hf_llama
+    from spikellm.checkpoints.hf import to_hf_llama
 
     model = tiny_llama("none")
     hf_model = to_hf_llama(model)
