@@ -1,4 +1,5 @@
-"""The commands: ``spikellm-train`` / ``python train.py`` and ``spikellm-eval`` / ``python eval.py``.
+"""The commands: ``spikellm-train`` / ``python train.py``, ``spikellm-eval`` / ``python eval.py`` and
+``spikellm-generate`` / ``python generate.py``.
 
 Each is a ``@hydra.main`` over the config tree installed with the package (``pkg://spikellm.conf``,
 Hydra's search path, so a wheel runs from any directory), wrapped by
@@ -61,6 +62,15 @@ def _evaluate(cfg: DictConfig) -> None:
     print_results(results, report)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+def _generate(cfg: DictConfig) -> None:
+    from spikellm.evaluation.generating import print_generation, run_generation
+
+    with one_line_errors():
+        run = run_generation(cfg)
+    print_generation(run)
+
+
 def train() -> None:
     """Train (or convert) a spiking model: ``spikellm-train [group=option ...] [key=value ...]``."""
     run(_train, "train")
@@ -69,3 +79,8 @@ def train() -> None:
 def evaluate() -> None:
     """Evaluate a model file: ``spikellm-eval ckpt=<path> [tasks=[...]] [neuron=<name>]``."""
     run(_evaluate, "eval")
+
+
+def generate() -> None:
+    """Continue a prompt with any model file: ``spikellm-generate ckpt=<path> prompt="..."``."""
+    run(_generate, "generate")

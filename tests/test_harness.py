@@ -295,7 +295,7 @@ def test_registered_and_built_from_checkpoint_args(model, tokenizer, monkeypatch
         calls.append((ckpt, neuron, device))
         return types.SimpleNamespace(model=model, tokenizer=tokenizer)
 
-    monkeypatch.setitem(sys.modules, "spikellm.evaluation.loading", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr("spikellm.checkpoints.loader.load_model", load_model)
     lm = SpikeLLMEvalLM.create_from_arg_string("ckpt=/tmp/run/last.ckpt,neuron=gif,batch_size=16",
                                                {"batch_size": 1, "device": "cpu", "max_batch_size": None})
     assert calls == [("/tmp/run/last.ckpt", harness.neuron_config("gif"), "cpu")]

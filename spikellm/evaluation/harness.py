@@ -295,9 +295,12 @@ class SpikeLLMEvalLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until a stop string (``until``, plus eos) or
-        ``max_gen_toks`` tokens, cut before the first stop string. Contexts are batched (right
-        padded, no KV cache: every step reruns the last ``max_length`` tokens)."""
+        """Continuation of each context until a stop string (``until``, plus eos) or ``max_gen_toks``
+        tokens, cut before the first stop string, through :func:`spikellm.generation.generate`
+        (the model's cache, left-padded batches). Greedy unless a request samples (``do_sample``
+        or a temperature > 0; then its ``top_k`` / ``top_p``, with a fixed seed). Requests are
+        batched with others of the same stops, length cap and sampling; a context is cut to its
+        last ``max_length - max_gen_toks`` tokens so that the answer fits the context."""
         jobs = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args[0], dict(req.args[1] or {}) if len(req.args) > 1 else {}
@@ -305,43 +308,45 @@ class SpikeLLMEvalLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until or [])
             if not all(isinstance(stop, str) for stop in until):
                 raise ConfigError("until", until, "must be a string or a list of strings")
-            stops = [stop for stop in dict.fromkeys([*until, self._eos_text]) if stop]
-            max_gen = gen_kwargs.pop("max_gen_toks", self.max_gen_toks)
-            if gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0.0):
-                log.warning("spikellm generates greedily: ignoring sampling settings %s", gen_kwargs)
+            stops = tuple(stop for stop in dict.fromkeys([*until, self._eos_text]) if stop)
+            max_gen = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             tokens = self.tok_encode(context) or [self.prefix_token_id]
-            jobs.append((i, tokens, stops, int(max_gen), (context, req.args[1] if len(req.args) > 1 else None)))
-        jobs.sort(key=lambda job: -len(job[1]))
+            tokens = tokens[-max(1, self.max_length - max_gen):]
+            jobs.append((i, tokens, (stops, max_gen, _sampling(gen_kwargs)),
+                         (context, req.args[1] if len(req.args) > 1 else None)))
+        jobs.sort(key=lambda job: (repr(job[2]), -len(job[1])))
         outputs: list[str | None] = [None] * len(requests)
         with tqdm(total=len(jobs), desc="spikellm generate_until", disable=disable_tqdm or not jobs) as bar:
-            for start in range(0, len(jobs), self.batch_size):
-                batch = jobs[start:start + self.batch_size]
-                for job, text in zip(batch, self._greedy([(tokens, stops, n) for _, tokens, stops, n, _ in batch])):
+            start = 0
+            while start < len(jobs):
+                batch = [job for job in jobs[start:start + self.batch_size] if job[2] == jobs[start][2]]
+                for job, text in zip(batch, self._continue([tokens for _, tokens, _, _ in batch], *batch[0][2])):
                     outputs[job[0]] = text
-                    self.cache_hook.add_partial("generate_until", job[4], text)
+                    self.cache_hook.add_partial("generate_until", job[3], text)
                 bar.update(len(batch))
+                start += len(batch)
         return outputs  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _greedy(self, jobs: Sequence[tuple[list[int], list[str], int]]) -> list[str]:
-        sequences = [list(tokens) for tokens, _, _ in jobs]
-        generated: list[list[int]] = [[] for _ in jobs]
-        texts = [""] * len(jobs)
-        active = [i for i, (_, _, n) in enumerate(jobs) if n > 0]
-        while active:
-            windows = [sequences[i][-self.max_length:] for i in active]
-            logits = self._forward(windows)
-            still = []
-            for row, i in enumerate(active):
-                token = int(logits[row, len(windows[row]) - 1].argmax())
-                sequences[i].append(token)
-                generated[i].append(token)
-                texts[i] = self.tok_decode(generated[i])
-                stops, max_gen = jobs[i][1], jobs[i][2]
-                if not any(stop in texts[i] for stop in stops) and len(generated[i]) < max_gen:
-                    still.append(i)
-            active = still
-        return [_cut_at_stops(text, stops) for text, (_, stops, _) in zip(texts, jobs)]
+    def _continue(self, prompts: list[list[int]], stops: tuple[str, ...], max_gen: int, sampling: tuple) -> list[str]:
+        from spikellm.generation import generate
+
+        temperature, top_k, top_p = sampling
+        if max_gen < 1:
+            return ["" for _ in prompts]
+        result = generate(self.model, prompts, max_new_tokens=max_gen, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=1234 if temperature > 0 else None,
+                          stop=lambda ids: any(stop in self.tok_decode(ids) for stop in stops))
+        return [_cut_at_stops(self.tok_decode(tokens), stops) for tokens in result.tokens]
+
+
+def _sampling(gen_kwargs: dict) -> tuple[float, int, float]:
+    """``(temperature, top_k, top_p)`` of an lm-eval request: greedy ``(0, 0, 1)`` unless it samples."""
+    temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+    if not gen_kwargs.get("do_sample") and temperature <= 0:
+        return 0.0, 0, 1.0
+    return (temperature if temperature > 0 else 1.0, int(gen_kwargs.get("top_k", 0) or 0),
+            float(gen_kwargs.get("top_p", 1.0) or 1.0))
 
 
 def neuron_config(neuron) -> dict | None:

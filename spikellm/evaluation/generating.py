@@ -1,0 +1,164 @@
+"""generate.py's job: load any model file, continue a prompt (streamed) or a file of prompts
+(written as JSONL), and say how fast and at what energy per generated token."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spikellm.config import build
+from spikellm.errors import ConfigError, DataError
+
+
+@dataclass
+class GenerationRun:
+    """What a generate.py run did: its continuations, speed and energy summary."""
+
+    records: list[dict]
+    tokens_per_second: float
+    energy: dict
+    output: str | None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a ``.txt`` file (one per non-blank line) or a ``.jsonl`` file (``{"prompt": ...}``
+    per line); an empty or malformed file is one line naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("prompts", str(path), "no such file; pass a .txt (one prompt per line) or .jsonl file")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"prompts={path} cannot be read ({type(error).__name__}: {error})") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"prompts={path}:{number} is not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DataError(f"prompts={path}:{number} has no \"prompt\" string")
+            prompts.append(record["prompt"])
+        lines = prompts
+    if not lines:
+        raise DataError(f"prompts={path} holds no prompt")
+    return lines
+
+
+def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
+    """Load ``cfg.ckpt``, generate for ``cfg.prompt`` (streamed to ``out``) or each prompt of
+    ``cfg.prompts`` (JSONL to ``cfg.output``), counting operations on ``cfg.energy``."""
+    from spikellm.checkpoints import load_model
+    from spikellm.checkpoints.atomic import atomic_write_text, check_writable
+    from spikellm.generation import generation_energy
+
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise ConfigError("prompt", cfg.prompt, "give one of prompt=\"...\" (streamed) or prompts=<file.txt|jsonl>")
+    prompts = [str(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts)
+    if any(not prompt.strip() for prompt in prompts):
+        raise ConfigError("prompt", cfg.prompt, "is empty: give the text to continue")
+    stops = [str(stop) for stop in (cfg.stop or [])]
+    if any(not stop for stop in stops):
+        raise ConfigError("stop", stops, "an empty stop string would end every continuation at once")
+    if cfg.prompts is not None:
+        check_writable(Path(cfg.output).expanduser().parent, key="output")
+    cost = build(cfg.energy, "energy")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
+    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
+    tokenizer = loaded.tokenizer
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    options = dict(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=int(cfg.top_k),
+                   top_p=float(cfg.top_p), repetition_penalty=float(cfg.repetition_penalty),
+                   eos_token_id=tokenizer.eos_id,
+                   stop=(lambda ids: any(stop in tokenizer.decode(ids) for stop in stops)) if stops else None)
+    streamed = _Stream(tokenizer, out, prompts[0]) if cfg.prompt is not None else None
+    records, generated, seconds, reports = [], 0, 0.0, []
+    size = max(1, int(cfg.batch_size))
+    for start in range(0, len(encoded), size):
+        batch = encoded[start:start + size]
+        generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + start)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            run = generation_energy(loaded.model, batch, cost=cost, generator=generator,
+                                    streamer=streamed, **options)
+        seconds += time.perf_counter() - began
+        reports.append(run)
+        for prompt, tokens, reason in zip(prompts[start:start + size], run.result.tokens, run.result.stop_reasons):
+            text = _cut(tokenizer.decode(tokens), stops)
+            generated += len(tokens)
+            records.append({"prompt": prompt, "completion": text, "new_tokens": len(tokens), "stop_reason": reason})
+    if streamed is not None:
+        streamed.finish()
+    output = None
+    if cfg.prompts is not None:
+        output = str(atomic_write_text(Path(cfg.output).expanduser(),
+                                       "".join(json.dumps(record) + "\n" for record in records)))
+    return GenerationRun(records, generated / seconds if seconds else 0.0, _energy(reports), output)
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    cuts = [text.index(stop) for stop in stops if stop in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def _energy(runs) -> dict:
+    """The summary of every batch's decoding, weighted by its decoded tokens."""
+    summaries = [run.summary() for run in runs]
+    tokens = sum(s["decode_tokens"] for s in summaries)
+    if not tokens:
+        return summaries[0]
+    merged = dict(summaries[0])
+    for key in ("uj_per_token", "dense_uj_per_token"):
+        merged[key] = sum(s[key] * s["decode_tokens"] for s in summaries) / tokens
+    merged["ratio_to_dense"] = merged["uj_per_token"] / merged["dense_uj_per_token"]
+    spikes = [s for s in summaries if s["spikes_per_activation"] is not None]
+    merged["spikes_per_activation"] = (sum(s["spikes_per_activation"] * s["decode_tokens"] for s in spikes) /
+                                       sum(s["decode_tokens"] for s in spikes)) if spikes else None
+    merged["decode_tokens"], merged["generated_tokens"] = tokens, sum(s["generated_tokens"] for s in summaries)
+    return merged
+
+
+class _Stream:
+    """Prints one sequence's text as its tokens come (the decoded text's new part each step, so
+    tokens that only make a character together print once it is whole)."""
+
+    def __init__(self, tokenizer, out, prompt: str):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out, [], ""
+        self.out.write(prompt)  # the continuation follows the prompt, as in the text it extends
+
+    def __call__(self, new: list[int | None]) -> None:
+        if new[0] is None:
+            return
+        self.ids.append(new[0])
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # half a character: wait for the rest
+            return
+        self.out.write(text[len(self.shown):] if text.startswith(self.shown) else text)
+        self.out.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def print_generation(run: GenerationRun) -> None:
+    """The closing lines: speed, energy per generated token next to dense, spikes per activation."""
+    from rich.console import Console
+
+    energy = run.energy
+    spikes = energy.get("spikes_per_activation")
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"{energy['generated_tokens']} tokens at {run.tokens_per_second:.1f} tokens/s (energy counter on); "
+                  f"{energy['uj_per_token']:.2f} µJ per generated token, dense {energy['dense_uj_per_token']:.2f} µJ "
+                  f"({energy['ratio_to_dense']:.3f}×) on {energy['cost_model']}; "
+                  + (f"{spikes:.3f} spikes per activation" if spikes is not None else "no spiking layers"))
+    if run.output:
+        console.print(f"{len(run.records)} continuations written to {run.output}")

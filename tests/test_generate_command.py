@@ -1,0 +1,90 @@
+"""Issue 16: generate.py continues a prompt (streamed) or a file of prompts (JSONL) with any model
+file, ends with tokens/s and energy per generated token, and refuses bad input in one line."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, run_script
+from spikellm.errors import ConfigError, DataError
+from spikellm.evaluation.generating import read_prompts, run_generation
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+CKPT = FIXTURES / "lightning" / "last.ckpt"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("generate", overrides=[f"ckpt={CKPT}", "max_new_tokens=6", f"paths.output_dir={tmp_path}",
+                                              *overrides])
+
+
+def test_one_prompt_streams_its_continuation(tmp_path, capsys):
+    run = run_generation(config(tmp_path, "prompt='def main('", "temperature=0"), out=sys.stdout)
+    printed = capsys.readouterr().out
+    assert printed.startswith("def main(") and printed.endswith("\n")
+    assert run.records[0]["new_tokens"] == 6 and run.output is None
+    energy = run.energy
+    assert energy["generated_tokens"] == 6 and energy["uj_per_token"] > 0 and energy["dense_uj_per_token"] > 0
+    assert 0 < energy["spikes_per_activation"] < 8 and "Horowitz" in energy["cost_model"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_file_of_prompts_is_a_batch_written_as_jsonl(tmp_path, suffix):
+    prompts = ["import os", "class A:", "x = [1, 2"]
+    path = tmp_path / f"prompts{suffix}"
+    path.write_text("\n".join(json.dumps({"prompt": p}) if suffix == ".jsonl" else p for p in prompts) + "\n\n")
+    run = run_generation(config(tmp_path, f"prompts={path}", "batch_size=2", "temperature=0"))
+    lines = [json.loads(line) for line in Path(run.output).read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == prompts
+    assert all(line["new_tokens"] == 6 and line["stop_reason"] == "length" for line in lines)
+    # greedy: the batch gives what each prompt gives alone
+    alone = run_generation(config(tmp_path / "alone", "prompt='class A:'", "temperature=0"), out=open("/dev/null", "w"))
+    assert alone.records[0]["completion"] == lines[1]["completion"]
+
+
+def test_stop_strings_cut_the_continuation(tmp_path):
+    free = run_generation(config(tmp_path, "prompt='import os'", "temperature=0", "max_new_tokens=12"),
+                          out=open("/dev/null", "w")).records[0]["completion"]
+    stop = free[3:5]
+    cut = run_generation(config(tmp_path / "cut", "prompt='import os'", "temperature=0", "max_new_tokens=12",
+                                f"stop=[{json.dumps(stop)}]"), out=open("/dev/null", "w")).records[0]
+    assert cut["completion"] == free[:free.index(stop)] and cut["stop_reason"] == "stop"
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["prompt=''"], ConfigError, "is empty"),
+    ([], ConfigError, "give one of prompt"),
+    (["prompt=x", "prompts=/nonexistent.txt"], ConfigError, "give one of prompt"),
+    (["prompt=x", "top_p=1.5"], ConfigError, r"top_p=1.5 .*\(0, 1\]"),
+    (["prompt=x", "temperature=-1"], ConfigError, "temperature"),
+    (["prompt='" + "word " * 200 + "'"], ConfigError, "longer than the model's context"),
+    (["prompts=/nonexistent.txt"], ConfigError, "no such file"),
+])
+def test_bad_input_is_one_line(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        run_generation(config(tmp_path, *overrides), out=open("/dev/null", "w"))
+
+
+def test_a_file_that_is_no_language_model_is_one_line(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a model")
+    cfg = config(tmp_path, "prompt=x")
+    cfg.ckpt = str(tmp_path / "notes.ckpt")
+    with pytest.raises(DataError, match="not a readable checkpoint"):
+        run_generation(cfg)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no prompt"):
+        read_prompts(tmp_path / "empty.jsonl")
+
+
+def test_the_command_prints_speed_and_energy(tmp_path):
+    done = run_script("generate.py", f"ckpt={CKPT}", "prompt='def f('", "max_new_tokens=4", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("def f(")
+    assert "tokens/s" in done.stderr and "µJ per generated token" in done.stderr and "spikes per" in done.stderr
+    bad = run_script("generate.py", f"ckpt={CKPT}", "prompt=x", "top_p=0", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "top_p" in bad.stderr
