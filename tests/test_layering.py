@@ -33,10 +33,9 @@ LAYERS = [
 # Upward (or peer) imports in files whose owners are changing them now. This set may only shrink:
 # a new violation fails, and so does an entry that no longer occurs (delete it).
 KNOWN_VIOLATIONS = {
-    # issue 15, explicit contracts: the counter finds matmul work by isinstance on the project's own
-    # Attention and MLGRU; each module is to declare its work, and energy/ to import no model
-    ("spikellm.energy.counter", "spikellm.models.llama"),
-    ("spikellm.energy.counter", "spikellm.models.matmulfree"),
+    # the 7B estimator prices a LlamaConfig (its projection shapes); moving it above models would put
+    # the cost arithmetic it shares with the counter there too. Modules declare their matmul work
+    # (spikellm.nn.work), so the counter itself imports no model.
     ("spikellm.energy.estimator", "spikellm.models.llama"),
 }
 

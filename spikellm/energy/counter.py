@@ -73,6 +73,7 @@ from spikellm.energy.report import EnergyReport, LayerOps
 from spikellm.neurons.base import SpikeEncoder
 from spikellm.neurons.stats import SpikeTally
 from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.nn.work import AttentionWork, RecurrenceWork
 
 
 class OperationCounter:
@@ -82,9 +83,6 @@ class OperationCounter:
     """
 
     def __init__(self, model: nn.Module):
-        from spikellm.models.llama import Attention
-        from spikellm.models.matmulfree import MLGRU
-
         self.model = model
         self.ops: dict[str, LayerOps] = {}
         self.tokens = 0
@@ -92,7 +90,7 @@ class OperationCounter:
         self._handles = []
         self._order: dict[str, int] = defaultdict(int)
         self._tallied: dict[str, SpikingLinear] = {}  # encoded projections, counted from their tallies
-        self._windows: dict[str, tuple[int, int, bool]] = {}  # attention: (start, new tokens, cached)
+        self._windows: dict[str, tuple[int, int, int, bool]] = {}  # attention: (batch, start, new tokens, cached)
         self._key_sums: dict[tuple[str, str], Tensor] = {}  # per cached key/value row: what it reaches with
         for index, (name, module) in enumerate(model.named_modules()):
             self._order[name] = index
@@ -101,14 +99,16 @@ class OperationCounter:
                 self._tallied[name] = module
             elif isinstance(module, SpikingLinear):
                 self._handles.append(module.register_forward_hook(self._projection_hook(name)))
-            elif isinstance(module, Attention):
-                self._handles.append(module.register_forward_pre_hook(self._attention_window(name), with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._attention_hook(name, module)))
-                for role, encoder in (module.encoder or {}).items():
-                    hook = self._attention_encoder_hook(name, module, role)
+            elif isinstance(getattr(module, "matmul_work", None), AttentionWork):
+                work = module.matmul_work
+                self._handles.append(module.register_forward_pre_hook(self._attention_window(name, work),
+                                                                      with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._attention_hook(name, work)))
+                for role, encoder in (work.encoder or {}).items():
+                    hook = self._attention_encoder_hook(name, work, role)
                     self._handles.append(encoder.register_forward_hook(hook))
-            elif isinstance(module, MLGRU):
-                self._handles.append(module.register_forward_hook(self._recurrence_hook(name)))
+            elif isinstance(getattr(module, "matmul_work", None), RecurrenceWork):
+                self._handles.append(module.register_forward_hook(self._recurrence_hook(name, module.matmul_work)))
             elif isinstance(module, nn.Linear) and name.endswith("lm_head"):
                 self._handles.append(module.register_forward_hook(self._head_hook(name)))
         if not self._handles and not self._tallied:
@@ -162,17 +162,14 @@ class OperationCounter:
             ops.macs += nonzero * layer.out_features
         return hook
 
-    def _attention_window(self, name: str):
+    def _attention_window(self, name: str, work: AttentionWork):
         def hook(module, inputs, kwargs):
-            cache = kwargs.get("cache", inputs[4] if len(inputs) > 4 else None)
-            start = 0 if cache is None else cache.length
-            self._windows[name] = (start, inputs[0].shape[1], cache is not None)
+            self._windows[name] = work.window(inputs, kwargs)
         return hook
 
-    def _attention_hook(self, name: str, attention):
+    def _attention_hook(self, name: str, attention: AttentionWork):
         def hook(module, inputs, output):
-            batch = inputs[0].shape[0]
-            start, seq, _ = self._windows[name]
+            batch, start, seq, _ = self._windows[name]
             # query i attends to keys 0..i: Σ_i (i + 1) pairs per query head and sequence over the
             # new queries i = start .. start + T - 1 (T(T+1)/2 without a cache)
             pairs = batch * attention.n_heads * (seq * start + seq * (seq + 1) // 2)
@@ -189,7 +186,7 @@ class OperationCounter:
             # K after RoPE, or V: [B, H_kv, rows, D]; with a cache, a per-channel encoder's input
             # starts with the carried running maximum: this forward's keys are the last T rows
             x = inputs[0]
-            start, seq, cached = self._windows[name]
+            _, start, seq, cached = self._windows[name]
             counts, step = encoder.encode(x)
             outliers = encoder.outlier_counts(x, step, counts)
             counts, outliers = counts[..., -seq:, :], None if outliers is None else outliers[..., -seq:, :]
@@ -208,9 +205,9 @@ class OperationCounter:
             record_reach(ops, encoder, sums, (queries * (attention.n_heads // attention.n_kv_heads)).unsqueeze(-1))
         return hook
 
-    def _recurrence_hook(self, name: str):
+    def _recurrence_hook(self, name: str, work: RecurrenceWork):
         def hook(module, inputs, output):
-            macs = 2 * inputs[0].numel()  # f·h and (1 - f)·c per channel and token of x [B, T, dim]
+            macs = work.macs_per_element * inputs[0].numel()  # f·h and (1 - f)·c per channel and token
             ops = self._layer(f"{name}.recurrence", "recurrence")
             ops.macs += macs
             ops.dense_macs += macs

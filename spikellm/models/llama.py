@@ -20,6 +20,7 @@ from spikellm.errors import ConfigError
 from spikellm.neurons.base import SpikeEncoder
 from spikellm.nn.spiking_linear import (EncoderFactory, SpikingLinear, WeightQuantizerFactory, projection_factory,
                                          shared_input_linears)
+from spikellm.nn.work import AttentionWork
 
 
 @dataclass
@@ -160,6 +161,11 @@ class Attention(nn.Module):
         self.o_proj = linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.encoder: nn.ModuleDict | None = None  # {"key", "value"} encoders, or float products
 
+
+    @property
+    def matmul_work(self) -> AttentionWork:
+        """Its products, declared to the operation counter (:mod:`spikellm.nn.work`)."""
+        return AttentionWork(self.n_heads, self.n_kv_heads, self.head_dim, _cache_window, self.encoder)
     def spike_products(self, factory: AttentionEncoderFactory) -> None:
         """Encode K and V with ``factory("key")`` and ``factory("value")``."""
         encoders = {role: factory(role) for role in ("key", "value")}
@@ -391,3 +397,8 @@ def from_hf_llama(hf_model, encoder: EncoderFactory | None = None,
                           "the Hugging Face model does not match a LLaMA of its own config")
     return model
 
+
+def _cache_window(inputs: tuple, kwargs: dict) -> tuple[int, int, int, bool]:
+    """``(batch, start, new tokens, cached)`` of an :class:`Attention` forward ``(x, cos, sin, mask, cache)``."""
+    cache = kwargs.get("cache", inputs[4] if len(inputs) > 4 else None)
+    return inputs[0].shape[0], (0 if cache is None else cache.length), inputs[0].shape[1], cache is not None

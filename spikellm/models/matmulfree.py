@@ -34,6 +34,7 @@ from spikellm.models.llama import RMSNorm as LlamaRMSNorm
 from spikellm.models.llama import init_decoder_weights
 from spikellm.nn.spiking_linear import (EncoderFactory, SpikingLinear, WeightQuantizerFactory, projection_factory,
                                          shared_input_linears)
+from spikellm.nn.work import RecurrenceWork
 from spikellm.quant.fixed_point import HardwareQuant, lut, rsqrt_fixed, to_fixed
 
 
@@ -118,6 +119,7 @@ class MLGRU(nn.Module):
         self.g_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.o_proj = linear(cfg.dim, cfg.dim)
         self.hardware: HardwareQuant | None = None
+        self.matmul_work = RecurrenceWork()  # f·h and (1 - f)·c per channel: priced by the operation counter
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(f, (1 - f) ⊙ c, g)`` of ``x [B, T, dim]``: what the recurrence and the output read."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from spikellm.errors import ConfigError
 from spikellm.nn.spiking_linear import EncoderFactory, SpikingLinear, WeightQuantizerFactory
+from spikellm.nn.work import AttentionWork
 from spikellm.ops.hadamard import hadamard_block
 
 
@@ -32,6 +33,7 @@ class BlockLayout:
 
     blocks: tuple[str, ...]  # candidate paths of the block ModuleList (causal LM first, base model next)
     projections: tuple[str, ...]  # paths relative to one block
+    attention: str | None = "self_attn"  # the block's softmax attention (None: it has none, e.g. RWKV)
 
 
 _LLAMA_LIKE = BlockLayout(
@@ -53,6 +55,7 @@ SPIKING_PROJECTIONS: dict[str, BlockLayout] = {
         blocks=("rwkv.blocks", "blocks"),
         projections=("attention.key", "attention.value", "attention.receptance", "attention.output",
                      "feed_forward.key", "feed_forward.receptance", "feed_forward.value"),
+        attention=None,  # a linear recurrence: its element-wise work is not priced (see the README)
     ),
 }
 
@@ -67,17 +70,48 @@ def layout_of(model: nn.Module) -> BlockLayout:
     return SPIKING_PROJECTIONS[model_type]
 
 
+def _blocks(model: nn.Module, layout: BlockLayout) -> tuple[str, nn.Module]:
+    for path in layout.blocks:
+        try:
+            return path, model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ConfigError("model", type(model).__name__,
+                      f"has none of the block lists {', '.join(layout.blocks)} of its model_type")
+
+
+def declare_attention_work(model: nn.Module) -> nn.Module:
+    """Declare each block attention's products to the operation counter (:mod:`spikellm.nn.work`):
+    a Hugging Face attention module does not say what it multiplies, so its heads and head width
+    are read from the config here and its cached length from its ``past_key_values``."""
+    layout = layout_of(model)
+    if layout.attention is None:
+        return model
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, blocks = _blocks(model, layout)
+    for index, block in enumerate(blocks):
+        attention = block.get_submodule(layout.attention)
+        attention.matmul_work = AttentionWork(heads, kv_heads, head_dim, _hf_window(getattr(attention, "layer_idx", index)))
+    return model
+
+
+def _hf_window(layer: int):
+    def window(inputs: tuple, kwargs: dict) -> tuple[int, int, int, bool]:
+        hidden = inputs[0] if inputs else kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        start = int(cache.get_seq_length(layer)) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        return hidden.shape[0], start, hidden.shape[1], cache is not None
+    return window
+
+
 def projection_names(model: nn.Module) -> list[str]:
     """The full module names (``model.layers.0.self_attn.q_proj``) :func:`spikify` replaces."""
     layout = layout_of(model)
-    for path in layout.blocks:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        return [f"{path}.{index}.{name}" for index in range(len(blocks)) for name in layout.projections]
-    raise ConfigError("model", type(model).__name__,
-                      f"has none of the block lists {', '.join(layout.blocks)} of its model_type")
+    path, blocks = _blocks(model, layout)
+    return [f"{path}.{index}.{name}" for index in range(len(blocks)) for name in layout.projections]
 
 
 def _spiking_from(linear: nn.Linear, encoder: EncoderFactory | None,
@@ -116,7 +150,7 @@ def spikify(model: nn.Module, encoder: EncoderFactory | None = None,
         if not isinstance(linear, nn.Linear):
             raise ConfigError("model", name, f"must be an nn.Linear to spikify, got {type(linear).__name__}")
         setattr(parent, child, _spiking_from(linear, encoder, weight_quantizer, unroll, rotate))
-    return model
+    return declare_attention_work(model)
 
 
 def spikify_from_config(model: nn.Module, neuron: dict | None) -> nn.Module:

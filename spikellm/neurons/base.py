@@ -224,6 +224,19 @@ class SpikeEncoder(nn.Module, ABC):
         weights = self.time_weights().to(spikes).view(-1, *([1] * (spikes.dim() - 1)))
         return (spikes * weights).sum(0)
 
+    def kernel_reason(self) -> str | None:
+        """Why the fused Triton encoder (:mod:`spikellm.kernels`) cannot compute this encoder's counts,
+        or None when it can: it computes ``clamp(round_half_away(x / Δ), low, high)`` with a
+        per-token step (given, or the absmax over ``step_levels``) and per-channel multipliers, into
+        int8 counts. An encoder whose collapsed form is another function overrides this."""
+        if self.granularity != "token":
+            return "a per-channel (causal) step"
+        if self.separate_clusters is not None and bool(self.separate_clusters):
+            return "separate per-cluster steps"
+        if max(abs(self.min_count), abs(self.max_count)) * self.max_scale > 127:
+            return "counts beyond int8"
+        return None
+
     @property
     def keeps_full_range(self) -> bool:
         """Whether every activation fits the count range when the bound is the maximum (γ = 1):

@@ -13,24 +13,36 @@ output channel. Others keep the float collapsed form, which computes the same fu
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 from torch import Tensor, nn
 
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.ops.hadamard import hadamard_transform
 
+log = logging.getLogger(__name__)
+
+
+def kernel_reason(layer: SpikingLinear) -> str | None:
+    """Why ``layer`` cannot run on the kernels, or None when it can: the encoder says whether the
+    fused encoder computes its counts (:meth:`~spikellm.neurons.base.SpikeEncoder.kernel_reason`),
+    the layer whether its weights are integers with one scale per row."""
+    if layer.encoder is None:
+        return "no spike encoder (a float input)"
+    integer = getattr(layer, "integer_weight", None)
+    if integer is None:
+        return "float weights (no integer weight format)"
+    if integer[1].shape[1] != 1:
+        return "group-wise weight scales"
+    if layer.unroll:
+        return "unrolled in time"
+    return layer.encoder.kernel_reason()
+
 
 def kernel_eligible(layer: SpikingLinear) -> bool:
-    encoder = layer.encoder
-    integer = getattr(layer, "integer_weight", None)
-    if encoder is None or integer is None or layer.unroll or integer[1].shape[1] != 1:
-        return False
-    if getattr(encoder, "granularity", "token") != "token" or getattr(encoder, "residual", "drop") == "outlier":
-        return False
-    if encoder.separate_clusters is not None and bool(encoder.separate_clusters):
-        return False
-    bound = max(abs(encoder.min_count), abs(encoder.max_count)) * encoder.max_scale
-    return bound <= 127 and hasattr(encoder, "step_levels")
+    return kernel_reason(layer) is None
 
 
 def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
@@ -63,11 +75,13 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
 
 def use_kernels(model: nn.Module) -> dict[str, bool]:
     """Route every eligible projection of ``model`` through the kernels; ``{name: routed}``."""
-    routed = {}
+    routed, reasons = {}, Counter()
     for name, layer in model.named_modules():
         if not isinstance(layer, SpikingLinear):
             continue
-        routed[name] = kernel_eligible(layer)
+        reason = kernel_reason(layer)
+        routed[name] = reason is None
+        reasons[reason] += reason is not None
         if routed[name]:
             from spikellm.kernels.packing import pack_weights
 
@@ -77,4 +91,8 @@ def use_kernels(model: nn.Module) -> dict[str, bool]:
             packed, fmt = getattr(layer, "packed_weight", None) or (pack_weights(integers, "int8"), "int8")
             layer.packed_weight = (packed.to(device).contiguous(), fmt)
             layer.kernel_forward = _kernel_forward
+    if routed and not all(routed.values()):  # say what stays on the PyTorch path, and why
+        why = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common() if reason)
+        log.warning("the Triton kernels run %d of %d projections; the others run in PyTorch: %s",
+                    sum(routed.values()), len(routed), why)
     return routed
