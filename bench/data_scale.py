@@ -136,7 +136,7 @@ def main() -> None:
         results.append(row)
     print()
     print(f"| corpus | peak RSS, first run | BPE training | tokenization (train split) | whole first run | "
-          f"peak RSS, cached run | cached run: launch to first step | whole cached run |")
+          f"peak RSS, cached run | cached run: data setup / launch to first step | whole cached run |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         first, cached = row["first"], row["cached"]
