@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -69,7 +70,8 @@ def test_blocks_are_shifted_by_one_and_reproducible(pydoc_dm):
     assert torch.equal(x, next(iter(pydoc_dm.train_dataloader()))[0])  # same seed, same order
     assert len(pydoc_dm.train_dataloader()) == (len(pydoc_dm.train_tokens) - 1) // 32 // 4
     val = list(pydoc_dm.val_dataloader())
-    assert torch.equal(val[0][0][0], pydoc_dm.val_tokens[:32]) and torch.equal(val[0][1][0], pydoc_dm.val_tokens[1:33])
+    assert val[0][0][0].tolist() == pydoc_dm.val_tokens[:32].tolist()  # token ids: a memory-mapped uint16 array
+    assert val[0][1][0].tolist() == pydoc_dm.val_tokens[1:33].tolist()
     assert sum(len(inputs) for inputs, _ in val) == (len(pydoc_dm.val_tokens) - 1) // 32  # drop_last=False
     assert pydoc_dm.vocab_size == pydoc_dm.tokenizer.vocab_size <= 512
     assert (pydoc_dm.train_tokens == pydoc_dm.tokenizer.eos_id).sum() > 60  # documents joined with eos
@@ -82,7 +84,7 @@ def test_setup_is_idempotent_and_tokens_are_cached(pydoc_dm, monkeypatch):
     monkeypatch.setattr(Tokenizer, "encode_batch", lambda *_: pytest.fail("tokenized again despite the cache"))
     again = TextDataModule(**pydoc_dm.hparams)
     again.setup("fit")
-    assert torch.equal(again.train_tokens, tokens) and torch.equal(again.val_tokens, pydoc_dm.val_tokens)
+    assert np.array_equal(again.train_tokens, tokens) and np.array_equal(again.val_tokens, pydoc_dm.val_tokens)
     assert not list(Path(pydoc_dm.cache_dir).rglob("*.tmp"))  # atomic writes leave no temporary files
 
 
@@ -154,8 +156,8 @@ def test_bad_local_corpus(tmp_path, make, error, pattern):
 def test_corpus_shorter_than_a_block(tmp_path):
     path = write(tmp_path / "tiny.txt", b"Only a few words here.\nAnd a second line.\n")
     dm = TextDataModule(source="text", path=path, block_size=64, vocab_size=300, cache_dir=tmp_path / "cache")
-    with pytest.raises(DataError, match=r"the train split of the corpus has \d+ tokens, but block_size=64 needs at "
-                                        r"least 65; lower data\.block_size or add text") as raised:
+    with pytest.raises(DataError, match=r"the train split \(data\.path=.*tiny\.txt\) has \d+ tokens, but block_size=64 "
+                                        r"needs at least 65; lower data\.block_size or add text") as raised:
         dm.setup("fit")
     one_line(raised)
 
@@ -226,7 +228,7 @@ def test_wikitext_rows_become_articles(monkeypatch):
 
     rows = [" = Alpha = \n", "", " intro\n", " = = Section = = \n", " body\n", " = Beta = \n", " text\n"]
     monkeypatch.setattr(corpus_module, "_probe_hub", lambda: None)
-    monkeypatch.setattr(datasets, "load_dataset", lambda **_: {"text": rows})
+    monkeypatch.setattr(datasets, "load_dataset", lambda **_: datasets.Dataset.from_dict({"text": rows}))
     assert load_documents("wikitext2") == [" = Alpha = \n intro\n = = Section = = \n body\n", " = Beta = \n text\n"]
 
 
@@ -270,7 +272,7 @@ def test_hydra_configs_spell_out_every_argument(name, tmp_path, monkeypatch):
     monkeypatch.setenv("SPIKELLM_CACHE", str(tmp_path))
     cfg = OmegaConf.merge({"seed": 7}, {"data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
     assert set(cfg.data) - {"_target_"} == set(inspect.signature(TextDataModule).parameters)
-    assert cfg.data.source == name and (OmegaConf.is_missing(cfg.data, "path") == (name == "text"))
+    assert cfg.data.source == name and cfg.data.path is None  # data=text: data.path or data.train_path
     if name == "text":
         cfg.data.path = str(CONF_DATA / "text.yaml")
     dm = instantiate(cfg.data)

@@ -1,50 +1,61 @@
-"""Next-token prediction batches: corpus -> train/validation documents -> tokens -> packed blocks."""
+"""Next-token prediction batches: corpus -> train/validation(/test) splits -> token files -> packed blocks."""
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import random
+import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
-from spikellm.data.corpus import check_source, load_documents
-from spikellm.data.tokenizer import Tokenizer, atomic_write, build_tokenizer, check_tokenizer_args, digest_documents
+from spikellm.data.corpus import check_paths, empty_corpus, iter_documents
+from spikellm.data.tokenizer import Tokenizer, bpe_tokenizer, build_tokenizer, check_tokenizer_args
+from spikellm.data.tokens import Split, TokenBlocks, cached_tokens, split_by_fraction, whole_split
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 HUB_SOURCES = ("wikitext2", "c4")  # they come with their own validation split
-# Part of the token cache key: bump it when the way documents become one token stream changes.
-TOKENS_FORMAT_VERSION = "eos-between-documents-v1"
+SPLIT_KEYS = {"train": "train_path", "validation": "val_path", "test": "test_path"}
 
 
 class TextDataModule(LightningDataModule):
     """Batches of ``(inputs, targets)``, LongTensors ``[batch_size, block_size]``, from a text corpus.
 
-    :meth:`setup` loads ``source`` (see :func:`~spikellm.data.load_documents`), holds out whole
-    documents making up about ``val_fraction`` of its text for validation (chosen by ``seed``; see
-    :func:`split_documents`; hub sources come with their own validation split), trains (or
-    loads) the tokenizer on the training documents only, joins each split's documents with eos
-    between them and packs the tokens into blocks of ``block_size + 1`` that overlap by one
-    token: inputs are ``block[:-1]``, targets ``block[1:]``.
-    The tokenizer and the token ids are cached under ``cache_dir``.
+    Splits: ``train_path`` and ``val_path`` (and ``test_path``), each a file or a folder of
+    .txt/.json/.jsonl files, are the splits as given; otherwise :meth:`setup` loads ``source``
+    (see :func:`~spikellm.data.iter_documents`: ``path`` or ``train_path`` for local text) and
+    holds out whole documents making up about ``val_fraction`` of its text for validation
+    (chosen by ``seed``; see :func:`~spikellm.data.tokens.split_by_fraction`); hub sources come
+    with their own validation split. The tokenizer is trained (or loaded) on the training split
+    only; each split's documents are tokenized, eos between them, into a token file, and packed
+    into blocks of ``block_size + 1`` that overlap by one token: inputs are ``block[:-1]``,
+    targets ``block[1:]``.
+
+    Memory does not grow with the corpus: the text is streamed in chunks (see
+    :mod:`spikellm.data.tokens`) and ``train_tokens``, ``val_tokens`` and ``test_tokens`` are
+    read-only ``np.memmap`` arrays (uint16, or uint32 for vocabularies over 65,536) of the token
+    files, which are cached under ``cache_dir`` by content, with the tokenizer.
     """
 
     def __init__(self, source: str = "pydoc", path: str | None = None, text_field: str = "text",
                  block_size: int = 128, batch_size: int = 8, val_fraction: float = 0.05, vocab_size: int = 2048,
                  tokenizer_path: str | None = None, cache_dir: str = "~/.cache/spikellm", num_workers: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, train_path: str | None = None, val_path: str | None = None,
+                 test_path: str | None = None):
         super().__init__()
         # Everything checkable without reading the corpus fails here, at config time.
-        check_source(source, path)
+        from spikellm.data.corpus import SOURCES
+        if source not in SOURCES:
+            raise ConfigError("source", source, "one of: " + ", ".join(SOURCES))
+        check_paths(source, path, train_path, val_path, test_path)
         check_int("block_size", block_size, 2)
         check_int("batch_size", batch_size, 1)
         check_int("num_workers", num_workers, 0)
@@ -55,8 +66,10 @@ class TextDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser()
         self.tokenizer: Tokenizer | None = None
-        self.train_tokens: torch.Tensor | None = None
-        self.val_tokens: torch.Tensor | None = None
+        self.train_tokens: np.ndarray | None = None
+        self.val_tokens: np.ndarray | None = None
+        self.test_tokens: np.ndarray | None = None
+        self._splits: dict[str, Split] = {}
         self._resume_at: tuple[int, int] | None = None  # (epoch, batch) to go on from, from a checkpoint
 
     @property
@@ -65,27 +78,70 @@ class TextDataModule(LightningDataModule):
         return self._ready().vocab_size
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, split, tokenize and pack the corpus; later calls do nothing."""
+        """Split, tokenize (or find in the cache) and map the corpus; later calls do nothing.
+
+        Every process of a DDP job calls it: one builds each cache file under a lock, the others
+        wait for it and map the same file."""
         if self.tokenizer is not None:
             return
-        hp = self.hparams
-        if hp.source in HUB_SOURCES:
-            train_docs = load_documents(hp.source, split="train")
-            val_docs = load_documents(hp.source, split="validation")
+        hp, start = self.hparams, time.monotonic()
+        splits = self._plan_splits()
+        train = splits["train"]
+        if hp.tokenizer_path is not None:
+            tokenizer = build_tokenizer([], hp.vocab_size, hp.tokenizer_path)
         else:
-            train_docs, val_docs = split_documents(load_documents(hp.source, hp.path, hp.text_field),
-                                                   hp.val_fraction, hp.seed)
-        tokenizer = build_tokenizer(train_docs, hp.vocab_size, hp.tokenizer_path, self.cache_dir)
-        self.train_tokens = self._tokenize(train_docs, tokenizer, "train")
-        self.val_tokens = self._tokenize(val_docs, tokenizer, "validation")
+            tokenizer = bpe_tokenizer(lambda: ((text, size) for text, size, _ in train.texts()), train.key,
+                                      hp.vocab_size, self.cache_dir, train.nbytes)
+        tokens = {name: cached_tokens(self.cache_dir, split, tokenizer) for name, split in splits.items()}
+        for name, ids in tokens.items():
+            if len(ids) < hp.block_size + 1:
+                more = " or raise data.val_fraction" if splits[name].kind == "fraction" and name == "validation" else ""
+                raise DataError(f"the {name} split ({splits[name].origin}) has {len(ids)} tokens, but "
+                                f"block_size={hp.block_size} needs at least {hp.block_size + 1}; lower "
+                                f"data.block_size or add text{more}")
+        self.train_tokens, self.val_tokens, self.test_tokens = tokens["train"], tokens["validation"], tokens.get("test")
+        self._splits = splits
         train_blocks = (len(self.train_tokens) - 1) // hp.block_size
         if train_blocks < hp.batch_size:  # drop_last would leave no batch, and training would silently do nothing
             raise DataError(f"the train split packs into {train_blocks} blocks of {hp.block_size} tokens, fewer than "
                             f"one batch (data.batch_size={hp.batch_size}); lower data.batch_size or data.block_size, "
                             f"or add text")
         self.tokenizer = tokenizer  # set last: it marks setup as done
-        log.info("%s: %d train and %d validation tokens, %d-token vocabulary", hp.source, len(self.train_tokens),
-                 len(self.val_tokens), tokenizer.vocab_size)
+        log.info("%s: %s tokens, %d-token vocabulary; data ready in %.1f s", hp.source,
+                 ", ".join(f"{len(ids):,} {name}" for name, ids in tokens.items()), tokenizer.vocab_size,
+                 time.monotonic() - start)
+
+    def _plan_splits(self) -> dict[str, Split]:
+        """Which text makes each split (one pass over the corpus, for its content hash)."""
+        hp = self.hparams
+        documents = lambda key, value, split="train": partial(iter_documents, hp.source, value, hp.text_field, split,
+                                                              f"data.{key}")
+        empty = lambda key, value, split="train": empty_corpus(hp.source, value, f"data.{key}", split)
+        if hp.source in HUB_SOURCES:
+            return {name: whole_split(name, documents("path", None, name), "hub", f"the {name} split of {hp.source} "
+                                      f"on the Hugging Face hub", empty("path", None, name), self.cache_dir)
+                    for name in ("train", "validation")}
+        given = {name: getattr(hp, key) for name, key in SPLIT_KEYS.items() if getattr(hp, key) is not None}
+        splits = {name: whole_split(name, documents(SPLIT_KEYS[name], value), "paths",
+                                    f"data.{SPLIT_KEYS[name]}={value}", empty(SPLIT_KEYS[name], value), self.cache_dir)
+                  for name, value in given.items()}
+        if "validation" not in splits:  # held out from data.path (or data.train_path, or pydoc)
+            key, value = ("train_path", hp.train_path) if hp.train_path is not None else ("path", hp.path)
+            origin = f"data.{key}={value}" if hp.source == "text" else "the pydoc corpus"
+            splits["train"], splits["validation"] = split_by_fraction(documents(key, value), hp.val_fraction,
+                                                                      hp.seed, origin, empty(key, value),
+                                                                      self.cache_dir)
+        return splits
+
+    def split_summary(self) -> dict[str, dict]:
+        """Per split (train, validation, and test when there is one): its token count, ``kind``
+        (``paths``: files given as that split; ``fraction``: held out of one corpus by
+        ``val_fraction``; ``hub``: a hub dataset's own split) and where it came from, in words.
+        Needs :meth:`setup`."""
+        self._ready()
+        tokens = {"train": self.train_tokens, "validation": self.val_tokens, "test": self.test_tokens}
+        return {name: {"tokens": len(tokens[name]), "kind": split.kind, "from": split.origin}
+                for name, split in self._splits.items()}
 
     def state_dict(self) -> dict:
         """Saved in every Lightning checkpoint: the tokenizer, so a checkpoint evaluates on its own,
@@ -118,7 +174,7 @@ class TextDataModule(LightningDataModule):
             raise DataError(f"{source} was trained with another tokenizer ({_describe_tokenizer(theirs)}) than "
                             f"data={self.hparams.source} gives ({_describe_tokenizer(tokenizer.state())}); resume "
                             f"with the data settings it was trained with (data.source, data.path, data.vocab_size, "
-                            f"data.tokenizer_path, data.val_fraction, seed)")
+                            f"data.tokenizer_path, data.val_fraction, data.train_path, seed)")
         position = state.get("train_position")
         if position is None:
             return
@@ -152,10 +208,16 @@ class TextDataModule(LightningDataModule):
         self._ready()
         return self._loader(self.val_tokens, shuffle=False, drop_last=False)
 
-    def _loader(self, tokens: torch.Tensor, **kwargs) -> DataLoader:
+    def test_dataloader(self) -> DataLoader:
+        """All test blocks (``data.test_path``), in corpus order."""
+        self._ready()
+        if self.test_tokens is None:
+            raise DataError("no test split: set data.test_path=<file or folder> (with data=text) to evaluate on one")
+        return self._loader(self.test_tokens, shuffle=False, drop_last=False)
+
+    def _loader(self, tokens: np.ndarray, **kwargs) -> DataLoader:
         hp = self.hparams
-        blocks = tokens.unfold(0, hp.block_size + 1, hp.block_size)  # a view: [n_blocks, block_size + 1]
-        return DataLoader(TensorDataset(blocks[:, :-1], blocks[:, 1:]), batch_size=hp.batch_size,
+        return DataLoader(TokenBlocks(tokens, hp.block_size), batch_size=hp.batch_size,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), **kwargs)
 
@@ -186,23 +248,6 @@ class TextDataModule(LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("TextDataModule.setup() has not run yet; call it (a Trainer does) before using the data")
         return self.tokenizer
-
-    def _tokenize(self, documents: Sequence[str], tokenizer: Tokenizer, split: str) -> torch.Tensor:
-        key = digest_documents(documents, f"{TOKENS_FORMAT_VERSION}:{tokenizer.fingerprint}")
-        cache = self.cache_dir / "tokens" / f"{key}.npy"
-        if cache.exists():
-            ids = np.load(cache, allow_pickle=False)
-        else:
-            dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32  # half the disk for small vocabularies
-            ids = _join_with_eos(tokenizer.encode_batch(documents), tokenizer.eos_id, dtype)
-            atomic_write(cache, lambda f: np.save(f, ids))
-        block_size = self.hparams.block_size
-        if len(ids) < block_size + 1:
-            more = " or raise data.val_fraction" if split == "validation" and self.hparams.source not in HUB_SOURCES \
-                else ""
-            raise DataError(f"the {split} split of the corpus has {len(ids)} tokens, but block_size={block_size} "
-                            f"needs at least {block_size + 1}; lower data.block_size or add text{more}")
-        return torch.from_numpy(ids.astype(np.int64))
 
 
 class EpochShuffle(DistributedSampler):
@@ -273,36 +318,10 @@ def _describe_tokenizer(state: dict) -> str:
 
 
 def split_documents(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split into (train, validation) documents, holding out about ``val_fraction`` of the text.
-
-    Documents are held out in an order shuffled by ``seed`` while they fit in ``val_fraction`` of
-    the characters (counting characters, not documents: document sizes often vary 100-fold), and
-    identical documents go to the same side. A single document is cut in two by characters
-    instead, at a newline near the cut if there is one.
-    """
-    unique = list(dict.fromkeys(documents))  # a copy on each side (pydoc's "if" and "else") would leak validation
-    if len(unique) == 1:
-        text = unique[0]
-        cut = int(len(text) * (1 - val_fraction))
-        # Prefer the nearest line break within a quarter of the validation share, so no split starts mid-line
-        # yet the share stays close to val_fraction; one long line is cut where it is.
-        window = int(len(text) * val_fraction / 4)
-        breaks = [i + 1 for i in (text.rfind("\n", max(0, cut - window), cut), text.find("\n", cut, cut + window))
-                  if 0 <= i < len(text) - 1]
-        cut = min(breaks, key=lambda i: abs(i - cut), default=cut)
-        return [text[:cut]], [text[cut:]]
-    random.Random(seed).shuffle(unique)
-    budget, held_out = val_fraction * sum(map(len, unique)), set()
-    for doc in unique:
-        if len(doc) <= budget:
-            held_out.add(doc)
-            budget -= len(doc)
-    # Every document larger than the share: hold out the smallest (not all of them, as val_fraction < 1).
-    held_out = held_out or {min(unique, key=len)}
-    return [doc for doc in documents if doc not in held_out], [doc for doc in documents if doc in held_out]
-
-
-def _join_with_eos(encoded: list[list[int]], eos_id: int, dtype) -> np.ndarray:
-    """One token stream: the documents' ids with eos between documents."""
-    stream = itertools.chain.from_iterable(itertools.chain((eos_id,), ids) for ids in encoded)
-    return np.fromiter(stream, dtype, count=sum(map(len, encoded)) + len(encoded))[1:]  # drop the leading eos
+    """Split documents in memory into (train, validation) as the data module splits a corpus
+    (:func:`~spikellm.data.tokens.split_by_fraction`: about ``val_fraction`` of the characters held
+    out, whole documents chosen by ``seed``, a single document cut at a line break)."""
+    documents = list(documents)
+    empty = DataError("split_documents needs at least one non-blank document")
+    train, val = split_by_fraction(lambda: iter(documents), val_fraction, seed, "documents", empty)
+    return train.materialize(), val.materialize()

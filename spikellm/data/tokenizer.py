@@ -5,8 +5,9 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 MIN_BPE_VOCAB = 257  # the 256 byte tokens and EOS
 # Part of the BPE cache key: bump it when training settings change so stale caches are not reused.
-BPE_FORMAT_VERSION = "bytelevel-bpe-v1"
+BPE_FORMAT_VERSION = "bytelevel-bpe-v2"
 
 
 class Tokenizer:
@@ -55,8 +56,8 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """Token ids of each text; runs in parallel in the Rust backend, so prefer it for corpora."""
         texts = list(texts)
-        if self._raw:
-            return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        if self._raw:  # the fast variant skips the character offsets, which nothing here uses
+            return [encoding.ids for encoding in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
         # verbose=False: documents are longer than model_max_length by design; they are packed into blocks later.
         return self._backend(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
@@ -96,25 +97,49 @@ def check_tokenizer_args(vocab_size: int, tokenizer_path: str | os.PathLike | No
                           f"must be an integer >= {MIN_BPE_VOCAB} (256 byte tokens + {EOS}) for the byte-level BPE")
 
 
-def build_tokenizer(train_documents: Sequence[str], vocab_size: int, tokenizer_path: str | os.PathLike | None = None,
+def build_tokenizer(train_documents: Iterable[str], vocab_size: int, tokenizer_path: str | os.PathLike | None = None,
                     cache_dir: str | os.PathLike = "~/.cache/spikellm") -> Tokenizer:
     """The tokenizer at ``tokenizer_path``, or else a byte-level BPE trained on ``train_documents``.
 
     The BPE is cached under ``cache_dir`` keyed by the documents and ``vocab_size``, so a rerun on
     the same corpus loads it instead of training again. ``vocab_size`` is an upper bound: a small
-    corpus may run out of merges first. It is ignored when ``tokenizer_path`` is given.
+    corpus may run out of merges first. It is ignored when ``tokenizer_path`` is given. (The data
+    module streams its corpus to :func:`bpe_tokenizer` instead of listing it.)
     """
     check_tokenizer_args(vocab_size, tokenizer_path)
     if tokenizer_path is not None:
         return _load_pretrained(Path(tokenizer_path).expanduser())
-    key = digest_documents(train_documents, f"{BPE_FORMAT_VERSION}:{vocab_size}")
+    documents = list(train_documents)
+    sizes = [len(doc.encode()) for doc in documents]
+    return bpe_tokenizer(lambda: zip(documents, sizes), digest_documents(documents, ""), vocab_size, cache_dir,
+                         sum(sizes))
+
+
+def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: str, vocab_size: int,
+                  cache_dir: str | os.PathLike, total_bytes: int) -> Tokenizer:
+    """A byte-level BPE of ``vocab_size`` trained on the ``(text, UTF-8 size)`` pairs ``texts()``
+    yields (streamed, with a progress bar over ``total_bytes``: never listed), cached under
+    ``cache_dir`` by ``corpus_key`` (what identifies those texts) and the settings; built once
+    under a file lock, so concurrent processes wait and load it."""
+    from spikellm.data.tokens import cache_lock, progress
+
+    def counted(advance):
+        for text, size in texts():
+            yield text
+            advance(size)
+
+    key = hashlib.sha256(f"{BPE_FORMAT_VERSION}:{vocab_size}:{corpus_key}".encode()).hexdigest()[:32]
     cache = Path(cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
-    if cache.exists():
-        return Tokenizer(tokenizers.Tokenizer.from_file(str(cache)))
-    log.info("training a %d-token byte-level BPE on %d documents", vocab_size, len(train_documents))
-    backend = _train_bpe(train_documents, vocab_size)
-    atomic_write(cache, lambda f: f.write(backend.to_str().encode()))
-    return Tokenizer(backend)
+    if not cache.exists():
+        with cache_lock(cache):
+            if not cache.exists():
+                log.info("training a %d-token byte-level BPE on %.1f MB of text", vocab_size, total_bytes / 1e6)
+                start = time.monotonic()
+                with progress("training the BPE tokenizer", total_bytes) as advance:
+                    backend = _train_bpe(counted(advance), vocab_size)
+                atomic_write(cache, lambda f: f.write(backend.to_str().encode()))
+                log.info("trained the BPE in %.1f s", time.monotonic() - start)
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(cache)))
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -137,7 +162,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def digest_documents(documents: Sequence[str], salt: str) -> str:
+def digest_documents(documents: Iterable[str], salt: str) -> str:
     """A cache key for ``documents`` (in order) under ``salt`` (what else the cached result depends on)."""
     digest = hashlib.sha256(salt.encode() + b"\0")
     for doc in documents:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
@@ -146,15 +171,24 @@ def digest_documents(documents: Sequence[str], salt: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _train_bpe(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+def _train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> tokenizers.Tokenizer:
+    """Train on ``texts`` as they come (an iterator: the trainer keeps word counts, not the text)."""
     backend = tokenizers.Tokenizer(models.BPE())
     # No prefix space: it would make decode(encode(text)) add a leading space.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    # show_progress: the trainer's own bars (counting pairs, merges) after the texts are read; it
+    # draws them only on a terminal
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=is_local_rank_zero(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte, seen or not
-    backend.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    backend.train_from_iterator(iter(texts), trainer=trainer, length=length)
     return backend
+
+
+def is_local_rank_zero() -> bool:
+    """Whether this is the process that shows progress bars (a DDP job's other processes wait on
+    the cache's locks, silently)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _as_pretrained(backend: tokenizers.Tokenizer):
