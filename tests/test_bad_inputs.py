@@ -74,7 +74,6 @@ def test_read_only_run_dir(tmp_path, monkeypatch):
     (["hydra.run.dirr=/x"], "hydra.run.dirr is not a key of the config (did you mean hydra.run.dir?"),
     (["neuronn=ternary"], "neuronn is not a key of the config (did you mean neuron? to add a new key use "
                           "+neuronn=ternary)"),
-    (["data=text"], "data.path=??? is not set: add data.path=<"),
     (["model=hf"], "model.hf_path=??? is not set: add model.hf_path=<a local Hugging Face model directory"),
     (["trainer.max_steps=${model.dimm}"], "trainer.max_steps=${model.dimm} cannot be resolved: Interpolation key "
                                           "'model.dimm' not found"),

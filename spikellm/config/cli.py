@@ -25,7 +25,6 @@ MISSING_HINTS = {
     "ckpt": "a train.py checkpoint (.ckpt), a spiking checkpoint directory or a local Hugging Face model directory",
     "model.hf_path": "a local Hugging Face model directory, e.g. /models/Llama-2-7b-hf",
     "model.checkpoint": "a spiking checkpoint directory, e.g. outputs/train/<time>/spiking_checkpoint",
-    "data.path": "a local text, JSON or JSONL file, or a directory of them",
 }
 
 

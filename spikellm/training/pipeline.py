@@ -41,6 +41,7 @@ class TrainResult:
     log_dirs: list[Path] = field(default_factory=list)
     spiking_checkpoint: Path | None = None  # packed weights + encoders + model card, for inference
     rank: int = 0  # the process's global rank: only rank 0 prints the summary
+    data: dict = field(default_factory=dict)  # per split: tokens and where they came from
 
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
@@ -162,6 +163,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
         energy=energy.report if energy else None, energy_files=dict(energy.files) if energy else {},
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
         spiking_checkpoint=spiking, rank=trainer.global_rank,
+        data=datamodule.split_summary() if hasattr(datamodule, "split_summary") else {},
     )
     if trainer.is_global_zero:
         write_summary(result, cfg)
@@ -189,7 +191,7 @@ def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
         "steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": result.seconds,
         "neuron": OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None,
         "spike_loss": OmegaConf.to_container(cfg.task.spike_loss, resolve=True) if cfg.task.get("spike_loss") else None,
-        "overrides": hydra_overrides,
+        "overrides": hydra_overrides, "data": result.data,
         "energy": None if energy is None else {
             "cost_model": energy.cost.name, "joules_per_token": energy.per_token(energy.joules),
             "ratio_to_dense": energy.ratio_to_dense, "file": result.energy_files.get("json")},
@@ -366,6 +368,8 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
     table.add_column(overflow="fold")  # paths are long; wrap them, never cut them
     if result.initial_val_ppl is not None:
         table.add_row("val ppl at step 0", f"{result.initial_val_ppl:,.2f}")
+    for split, facts in result.data.items():
+        table.add_row(f"{split} tokens", f"{facts['tokens']:,} ({facts['from']})")
     table.add_row("val loss", f"{result.val_loss:.4f}")
     table.add_row("val ppl", f"{result.val_ppl:,.2f}" if math.isfinite(result.val_ppl) else "inf")
     if result.firing_rate is not None:
