@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 DEMO_TASKS ?= tasks=[tiny_mc]
+DEMO_PROMPT ?= The built-in function
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -17,11 +18,12 @@ install: $(STAMP)
 
 # The main job: train the spiking LLaMA under a spike budget (about one spike per activation),
 # then evaluate its checkpoint (perplexity, zero-shot accuracy on the bundled local tasks,
-# energy). Each demo gets its own directory.
+# energy) and let it write a short sample. Each demo gets its own directory.
 DEMO := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: $(STAMP)
 	$(BIN)/python train.py experiment=tiny_spike_budget hydra.run.dir=$(DEMO)
 	$(BIN)/python eval.py ckpt=$(DEMO)/checkpoints/last.ckpt $(DEMO_TASKS) hydra.run.dir=$(DEMO)/eval
+	$(BIN)/python generate.py ckpt=$(DEMO)/checkpoints/last.ckpt 'prompt="$(DEMO_PROMPT)"' max_new_tokens=48 hydra.run.dir=$(DEMO)/generate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
