@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose, run_script
+from conftest import CONF, ROOT, compose, run_script
 
 from spikellm.config import build, build_neuron
 from spikellm.config.cli import check_command_line
@@ -358,3 +358,27 @@ def test_full_disk_while_saving_a_spiking_checkpoint(tmp_path, monkeypatch, hf_d
     assert (directory / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert load_spiking_checkpoint(directory)[2]["model"] == config
+
+
+# ---- issue 17: values that used to end in a traceback (or a silent wrong run) are one line ----
+
+@pytest.mark.parametrize("override,match", [
+    ("task.lr=-1", r"task.lr=-1 is invalid: must be a number in \(0.0, 10.0\]"),
+    ("task.lr=nan", r"task.lr=nan is invalid"),
+    ("task.lr=abc", r"task.lr='abc' is invalid: must be a number"),
+    ("task.betas=[1.5,0.9]", r"task.betas=\[1.5, 0.9\] is invalid: must be two numbers in \[0, 1\)"),
+    ("trainer.val_check_interval=0", r"trainer.val_check_interval=0 is invalid: must be a number of steps"),
+])
+def test_bad_optimizer_and_trainer_values_are_one_line(tmp_path, override, match):
+    from spikellm.training.pipeline import prepare
+
+    cfg = compose(["experiment=smoke", override], tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        prepare(cfg)
+
+
+def test_a_zero_perplexity_window_is_refused(tmp_path):
+    done = run_script("eval.py", f"ckpt={ROOT / 'tests/fixtures/formats/lightning/last.ckpt'}", "perplexity.seqlen=0",
+                      f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 2 and "perplexity.seqlen=0 is invalid" in done.stderr
+    assert done.stderr.strip().count("\n") == 0

@@ -264,3 +264,29 @@ def test_spike_statistics_sample_whole_steps_so_a_resume_carries_nothing():
     # one forward of 2 × 8 tokens: 16 activations per input channel of each projection
     assert all(r["activations"] == ids.numel() * (32 if "down_proj" in name else 16)
                for name, r in logged[0].items())
+
+
+def test_a_start_removes_the_halves_of_killed_saves(tmp_path):
+    """Issue 17: a ``.last.ckpt.*.tmp`` left by a kill during a save (its writer gone) is removed when
+    a run starts in that directory, not left there forever; a live writer's is kept."""
+    from spikellm.training.pipeline import run_training
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = checkpoints / f".last.ckpt.abc123.{dead.pid}.tmp"
+    live = checkpoints / f".last.ckpt.def456.{os.getpid()}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    cfg = compose(["experiment=smoke", "trainer.max_steps=1", "trainer.val_check_interval=1"], tmp_path / "run")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the run does next, the start already cleaned up
+        _fail_after_start(cfg, run_training)
+    assert not stale.exists() and live.exists()
+
+
+def _fail_after_start(cfg, run_training):
+    from unittest import mock
+
+    with mock.patch("spikellm.training.pipeline._refuse_spawn", side_effect=RuntimeError("stop here")):
+        run_training(cfg)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from spikellm.checks import check_int
 from spikellm.config import build
 from spikellm.checkpoints.atomic import atomic_write_json, check_writable
 
@@ -20,6 +21,8 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     cost = build(cfg.energy, "energy")
+    if cfg.perplexity.seqlen is not None:  # null is the default window; 0 would mean nothing at all
+        check_int("perplexity.seqlen", cfg.perplexity.seqlen, 2)
     check_writable(Path(cfg.results).parent, key="results")  # before minutes of evaluation, not after
     for key in ("export", "export_hf"):  # their directories must not exist yet: their parents must be writable
         if cfg.get(key):

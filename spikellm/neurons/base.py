@@ -28,6 +28,7 @@ Three options apply to every encoder, implemented once here:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 
@@ -99,7 +100,8 @@ class SpikeEncoder(nn.Module, ABC):
 
     def _step_of(self, magnitude: Tensor) -> Tensor:
         if self.threshold == "mean":
-            return magnitude.mean(dim=-1, keepdim=True).clamp_min(1e-8) / self.threshold_k
+            step = magnitude.mean(dim=-1, keepdim=True).clamp_min_(1e-8)
+            return step if self.threshold_k == 1.0 else step / self.threshold_k  # / 1 is exact: skip it
         bound = causal_channel_bound(magnitude) if self.granularity == "channel" else quantile_bound(magnitude, self.gamma)
         return bound.clamp_min(1e-8) / self.step_levels
 
@@ -207,9 +209,11 @@ class SpikeEncoder(nn.Module, ABC):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the public two forms -------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Collapsed form: ``(counts, step)``, ``step`` broadcastable against ``x``."""
+        if torch.is_grad_enabled():  # a no-grad context costs microseconds a one-token decode step feels
+            with torch.no_grad():
+                return self.encode(x)
         step = self.element_step(x)
         return self.counts(x, step, *self.count_bounds()), step
 
@@ -284,10 +288,10 @@ class SpikeEncoder(nn.Module, ABC):
         of other layers that receive this same spike train: their statistics are updated too."""
         counts, step = self.encode(x)
         listeners = (self, *siblings)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (self.step_scale is not None and self.step_scale.requires_grad))
+        grad_mode = torch.is_grad_enabled()
+        needs_grad = grad_mode and (x.requires_grad or (self.step_scale is not None and self.step_scale.requires_grad))
         recording = needs_grad and any(e.spike_terms is not None for e in listeners)
-        with torch.no_grad():
+        with torch.no_grad() if grad_mode else contextlib.nullcontext():
             outliers = self.outlier_counts(x, step, counts)
             for encoder in listeners:
                 if encoder.stats is not None:

@@ -76,8 +76,10 @@ def quantize_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
     never up to the next integer, so no tie is lost to a rounding error. ``trunc(y)`` is taken as
     ``y - frac(y)`` (exact, and ``+0.0`` for a zero): ``torch.frac`` is vectorised on the CPU where
     ``torch.trunc`` is not (about 30x slower there)."""
-    with torch.no_grad():  # integer counts have a zero derivative almost everywhere: nothing to trace
-        scaled = (x.float() / step).clamp_(low, high)
-        fraction = torch.frac(scaled)
-        scaled.add_(fraction)
-        return scaled.sub_(torch.frac(scaled, out=fraction))
+    if torch.is_grad_enabled():  # integer counts have a zero derivative almost everywhere: nothing to trace
+        with torch.no_grad():
+            return quantize_counts(x, step, low, high)
+    scaled = (x.float() / step).clamp_(low, high)
+    fraction = torch.frac(scaled)
+    scaled.add_(fraction)
+    return scaled.sub_(torch.frac(scaled, out=fraction))

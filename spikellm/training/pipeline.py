@@ -46,6 +46,11 @@ class TrainResult:
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
     check_int("trainer.max_steps", cfg.trainer.get("max_steps"), 1)
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                 or interval <= 0 or (isinstance(interval, float) and interval > 1)):
+        raise ConfigError("trainer.val_check_interval", interval, "must be a number of steps >= 1 (an integer) or a "
+                                                                  "fraction of an epoch in (0, 1]")
     block = cfg.data.get("block_size")
     if isinstance(block, int) and block > model_config.max_seq_len:
         raise ConfigError("data.block_size", block,
@@ -100,10 +105,12 @@ def run_training(cfg: DictConfig) -> TrainResult:
 
     import lightning.pytorch as pl
 
+    from spikellm.checkpoints.atomic import remove_stale_temporaries
     from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)  # a read-only or full disk fails now, not after the training
+    remove_stale_temporaries(output_dir / "checkpoints")  # halves of saves a kill cut short
     _refuse_spawn(cfg)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     resume = read_resume_checkpoint(ckpt) if ckpt is not None else None

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spikellm.checks import check_float, check_int
 from spikellm.config import build_model
+from spikellm.errors import ConfigError
 from spikellm.training.spike_loss import SpikeObjective
 
 
@@ -130,5 +132,20 @@ class CausalLMTask(LanguageModelTask):
                  warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000,
                  spike_loss: dict | None = None):
         super().__init__(spike_loss)
+        check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps)
         self.save_hyperparameters()
         self.model = build_model(model, neuron)
+
+
+def check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps) -> None:
+    """The optimizer settings as one-line errors (``task.lr=nan`` would train to NaN, ``task.lr=abc``
+    would fail inside AdamW with a traceback); :func:`~spikellm.config.build` prefixes ``task.``."""
+    check_float("lr", lr, 0.0, 10.0, low_open=True)
+    check_float("weight_decay", weight_decay, 0.0, 10.0)
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError("betas", list(betas) if isinstance(betas, (list, tuple)) else betas,
+                          "must be two numbers in [0, 1) (AdamW's moment decays), e.g. [0.9, 0.95]")
+    check_int("warmup_steps", warmup_steps, 0)
+    check_float("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+    check_int("max_steps", max_steps, 1)
