@@ -7,6 +7,7 @@ Hydra's search path, so a wheel runs from any directory), wrapped by
 the work is in :mod:`spikellm.training.pipeline` and :mod:`spikellm.evaluation.pipeline`.
 """
 import logging
+import sys
 import warnings
 
 import hydra
@@ -60,6 +61,10 @@ def _evaluate(cfg: DictConfig) -> None:
 
         Console().print(report.rich_table("energy of the perplexity evaluation"))
     print_results(results, report)
+    if results.get("failed"):  # what finished is in results.json; what failed ends the command
+        failed = "; ".join(f"{what}: {why}" for what, why in results["failed"].items())
+        print(f"error: {failed} (the other results are in {results['files']['results']})", file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")

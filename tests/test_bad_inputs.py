@@ -363,9 +363,9 @@ def test_full_disk_while_saving_a_spiking_checkpoint(tmp_path, monkeypatch, hf_d
 # ---- issue 17: values that used to end in a traceback (or a silent wrong run) are one line ----
 
 @pytest.mark.parametrize("override,match", [
-    ("task.lr=-1", r"task.lr=-1 is invalid: must be a number in \(0.0, 10.0\]"),
+    ("task.lr=-1", r"task.lr=-1 is invalid: must be a finite number > 0"),
     ("task.lr=nan", r"task.lr=nan is invalid"),
-    ("task.lr=abc", r"task.lr='abc' is invalid: must be a number"),
+    ("task.lr=abc", r"task.lr='abc' is invalid: must be a finite number"),
     ("task.betas=[1.5,0.9]", r"task.betas=\[1.5, 0.9\] is invalid: must be two numbers in \[0, 1\)"),
     ("trainer.val_check_interval=0", r"trainer.val_check_interval=0 is invalid: must be a number of steps"),
 ])
@@ -382,3 +382,30 @@ def test_a_zero_perplexity_window_is_refused(tmp_path):
                       f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and "perplexity.seqlen=0 is invalid" in done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["+precision=bf16-true"], "+precision=bf16-true adds a top-level key that nothing reads; did you mean "
+                               "trainer.precision=bf16-true?"),
+    (["precision=bf16-true"], "precision is not a key of the config (did you mean trainer.precision=bf16-true?)"),
+    (["lr=0.1"], "lr is not a key of the config (did you mean task.lr=0.1?)"),
+    (["max_steps=5"], "max_steps is not a key of the config (did you mean trainer.max_steps=5?)"),
+])
+def test_keys_of_a_group_given_at_the_top_level_name_the_group(tmp_path, argv, message):
+    """Issue 17: ``+precision=...`` (what an earlier hint suggested) trained in fp32 without a word."""
+    with pytest.raises(OverrideError) as error:
+        check_command_line(CONF, "train", [*argv, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert str(error.value) == message
+
+
+def test_a_new_key_of_ones_own_is_still_allowed(tmp_path):
+    check_command_line(CONF, "train", ["+my_note=hello", f"hydra.run.dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the hint is for machines without a GPU")
+def test_a_gpu_trainer_without_a_gpu_names_the_cpu_setting(tmp_path):
+    from spikellm.training.pipeline import prepare
+
+    cfg = compose(["experiment=smoke", "trainer=ddp", "trainer.devices=4"], tmp_path)
+    with pytest.raises(ConfigError, match="add trainer.accelerator=cpu"):
+        prepare(cfg)

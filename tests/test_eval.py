@@ -106,3 +106,33 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert 0 <= results["tasks"]["tiny_mc"]["acc"] <= 1 and "acc_norm_stderr" in results["tasks"]["tiny_mc"]
     done = run_script("eval.py", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'eval2'}")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: ckpt=")
+
+
+def test_pydoc_perplexity_uses_the_split_the_checkpoint_trained_with(tmp_path):
+    """Issue 17: a model trained with seed=1 is measured on the seed-1 held-out documents (the
+    seed-0 ones are mostly in its training data), read from the checkpoint."""
+    from spikellm.evaluation.pipeline import _held_out
+
+    assert _held_out({"split": {"source": "pydoc", "seed": 1, "val_fraction": 0.05}}, "pydoc") == \
+        {"seed": 1, "val_fraction": 0.05}
+    assert _held_out({"split": {"source": "text", "seed": 1, "val_fraction": 0.05}}, "pydoc") == {}
+    assert _held_out({}, "wikitext2") == {}
+    from spikellm.evaluation.perplexity import evaluation_text
+
+    assert evaluation_text("pydoc", seed=1) != evaluation_text("pydoc", seed=0)
+
+
+def test_a_corpus_that_fails_keeps_the_finished_results(tmp_path):
+    """Issue 17: perplexity.datasets=[pydoc,wikitext2] offline keeps pydoc's result in results.json
+    and names what failed in one line (exit 2)."""
+    import json
+
+    from conftest import ROOT, run_script
+
+    ckpt = ROOT / "tests" / "fixtures" / "formats" / "lightning" / "last.ckpt"
+    done = run_script("eval.py", f"ckpt={ckpt}", "perplexity.datasets=[pydoc,wikitext2]", f"hydra.run.dir={tmp_path}",
+                      "perplexity.batch_size=32")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: perplexity wikitext2:")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "pydoc" in results["perplexity"] and "perplexity wikitext2" in results["failed"]

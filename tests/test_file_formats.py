@@ -46,3 +46,23 @@ def test_what_is_no_model_file_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a model directory"):
         load_model(tmp_path / "empty")
+
+
+def test_a_spiking_checkpoint_whose_config_was_edited_is_refused(tmp_path):
+    """Issue 17: config.json is bound to the weights by a digest in their metadata, so another
+    n_heads with the same tensor shapes (8 heads of 8 and 4 KV heads for 4 of 16 and 2) is one line,
+    not a different model evaluated silently. Checkpoints written before the digest still load."""
+    import json
+
+    from spikellm.checkpoints.spiking import load_spiking_checkpoint, save_spiking_checkpoint
+
+    model, tokenizer, config = load_spiking_checkpoint(PATHS["spiking"], backend="torch")
+    directory = save_spiking_checkpoint(model, tmp_path / "spiking", model_config=config["model"],
+                                        neuron=config["neuron"], tokenizer=tokenizer)
+    assert load_model(directory).format == "spiking"
+    edited = json.loads((directory / "config.json").read_text())
+    assert (edited["model"]["n_heads"], edited["model"]["n_kv_heads"]) == (4, 2)
+    edited["model"].update(n_heads=8, n_kv_heads=4)
+    (directory / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(DataError, match="config.json is not the one its weights were written with"):
+        load_model(directory)

@@ -342,3 +342,16 @@ def test_hub_tasks_load_through_lm_eval_index(lm, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "_hub_reachable", lambda *a: True)
     results = run_tasks(lm, [TOY_TASK], limit=4)
     assert set(results[TOY_TASK]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+
+
+def test_lm_eval_cli_with_an_unreadable_ckpt_is_one_line(tmp_path, capsys):
+    """Issue 17: ``spikellm-lm-eval --model_args ckpt=<unreadable file>`` ended in a traceback."""
+    from spikellm.evaluation.harness import cli_main
+
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--model", "spikellm", "--model_args", f"ckpt={tmp_path / 'notes.ckpt'}", "--tasks", "tiny_mc",
+                  "--include_path", str(Path(__file__).parents[1] / "examples" / "lm_eval_tasks"), "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ckpt=") and "is not a readable checkpoint" in err[-1]

@@ -290,3 +290,24 @@ def _fail_after_start(cfg, run_training):
 
     with mock.patch("spikellm.training.pipeline._refuse_spawn", side_effect=RuntimeError("stop here")):
         run_training(cfg)
+
+
+def test_a_second_run_into_the_same_directory_is_one_line(tmp_path):
+    """Issue 17: a run holds an exclusive lock on its directory; a second process started into it
+    (while the first runs) is refused in one line before it writes anything."""
+    from spikellm.training.pipeline import run_training
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(run / '.run.lock')!r}); lock.acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = compose(["experiment=smoke", "trainer.max_steps=1"], run)
+        with pytest.raises(ConfigError, match="another run is writing into this directory now"):
+            run_training(cfg)
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -98,4 +98,8 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None):
     except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on a corrupt JSON
         raise DataError(f"{path}: the tokenizer it carries cannot be read ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
-    return model, tokenizer, {"model": hparams["model"], "neuron": hparams.get("neuron")}
+    data = datamodule_state(state)
+    split = data.get("split")
+    if split is None and "seed" in (data.get("train_position") or {}):  # written before the split was recorded
+        split = {"seed": data["train_position"]["seed"]}
+    return model, tokenizer, {"model": hparams["model"], "neuron": hparams.get("neuron"), "split": split}

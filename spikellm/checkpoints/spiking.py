@@ -33,6 +33,7 @@ from spikellm.quant.weights import RoundToNearest
 
 FORMAT = "spikellm-spiking-checkpoint"
 VERSION = 1
+DIGEST = "config_digest"  # the weights' metadata key binding them to config.json
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -102,11 +103,21 @@ def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dic
     config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
               "cost_model": cost_model, "card": card or {}, "thresholds": dict(thresholds or {})}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, DIGEST: config_digest(config)})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         (tmp / "README.md").write_text(model_card(config))
     return Path(directory)
+
+
+def config_digest(config: dict) -> str:
+    """SHA-256 of what config.json says the weights are (model, neuron, layers, thresholds), stored
+    in the weights' metadata: an edit of config.json that keeps the tensor shapes (another
+    ``n_heads``, another encoder) would otherwise load, and evaluate, a different model silently."""
+    import hashlib
+
+    bound = {key: config.get(key) for key in ("model", "neuron", "layers", "thresholds")}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def model_card(config: dict) -> str:
@@ -168,7 +179,7 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     (the kernels; CUDA or the Triton interpreter), ``auto`` (triton on a CUDA device, else torch).
     Anything missing, corrupt or inconsistent is a DataError naming it; no partial model is returned.
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from spikellm.config import build, build_attention_encoder, build_neuron
@@ -182,9 +193,14 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     weights = directory / "model.safetensors"
     try:
         tensors = load_file(str(weights))
+        with safe_open(str(weights), "pt") as handle:
+            written = (handle.metadata() or {}).get(DIGEST)
     except (OSError, SafetensorError, RuntimeError) as error:
         raise DataError(f"{weights} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
                         "it is truncated or corrupt") from None
+    if written is not None and written != config_digest(config):  # checkpoints before the digest have none
+        raise DataError(f"{directory}/config.json is not the one its weights were written with (its model, neuron "
+                        "or layer record was edited): restore it, or export the model again")
     neuron = config.get("neuron")
     encoder, _ = build_neuron(neuron)
     # the per-layer record is what the weights were written under; the neuron block may have been edited

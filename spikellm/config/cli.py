@@ -63,10 +63,27 @@ def check_command_line(config_dir, config_name: str, argv: list[str]) -> None:
         cfg = composer.compose(overrides)
         if cfg is None:
             return
+        _check_additions(cfg, parsed)
         if not args.cfg:  # --cfg prints the config as it is, ??? included
             _check_values(cfg)
             if not args.multirun:
                 _check_run_dir(cfg)
+
+
+def _check_additions(cfg: DictConfig, parsed) -> None:
+    """``+precision=bf16-true`` adds a top-level key nothing reads, and the run would go on in fp32
+    without a word: a ``+key`` whose name is that of a key deeper in the config is refused with
+    that key (``trainer.precision``). A ``+key`` that matches nothing is the user's own addition."""
+    keys = set(_flat_keys(cfg, ""))
+    for override in parsed:
+        key = override.key_or_group
+        if not override.is_add() or "." in key or "/" in key:
+            continue
+        deeper = sorted(k for k in keys if k.rpartition(".")[2] == key and "." in k and not k.startswith("hydra."))
+        if deeper:
+            value = override.value()
+            raise OverrideError(key, value, f"+{key}={value} adds a top-level key that nothing reads; did you mean "
+                                            f"{deeper[0]}={value}?")
 
 
 def _parse_args(argv: list[str]):
@@ -166,7 +183,10 @@ class _Composer:
             text, value = _given(key, overrides, parsed)
             closest = self._closest(key, overrides, text)
             add = f"to add a new key use +{key}={value}"
-            hint = f"did you mean {closest}? {add}" if closest else add
+            if closest and closest.endswith("." + key):  # the key one group down: adding would be wrong
+                hint = f"did you mean {closest}={value}?"
+            else:
+                hint = f"did you mean {closest}? {add}" if closest else add
             return OverrideError(key, value, f"{key} is not a key of the config ({hint})")
         if match := re.search(r"An item is already at '([^']+)'", message):
             key = match.group(1)
@@ -215,6 +235,11 @@ class _Composer:
         keys = set(_flat_keys(cfg, ""))
         keys |= {str(group) for group in (OmegaConf.select(cfg, "hydra.runtime.choices") or {})}
         parent, _, name = key.rpartition(".")
+        # the same name one group down: `lr` is task.lr, `max_steps` is trainer.max_steps
+        same_name = sorted((k for k in keys if k.rpartition(".")[2] == name and k != key and not k.startswith("hydra.")),
+                           key=lambda k: (k.count("."), k))
+        if same_name:
+            return same_name[0]
         siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
         close = difflib.get_close_matches(name, sorted(siblings), n=1, cutoff=0.6)
         if close:

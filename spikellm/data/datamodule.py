@@ -148,6 +148,10 @@ class TextDataModule(LightningDataModule):
         and where training is in the data (``train_position``), so a resumed run goes on with the
         batch that comes next (see :meth:`train_dataloader`)."""
         state = {} if self.tokenizer is None else {"tokenizer": self.tokenizer.state()}
+        hp = self.hparams
+        # which documents were held out: evaluation measures on these, never on ones it trained on
+        state["split"] = {"source": hp.source, "seed": hp.seed, "val_fraction": hp.val_fraction,
+                          "explicit": bool(getattr(hp, "train_path", None))}
         position = self._train_position()
         if position is not None:
             hp = self.hparams

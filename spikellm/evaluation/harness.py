@@ -613,7 +613,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     """
     from lm_eval.__main__ import cli_evaluate
 
+    from spikellm.config.cli import one_line_errors
+
     if argv is not None:
         sys.argv = [sys.argv[0] if sys.argv else "spikellm-lm-eval", *argv]
-    cli_evaluate()
+    with one_line_errors():  # an unreadable ckpt=, a bad neuron=: one line and exit 2, as eval.py
+        cli_evaluate()
     return 0

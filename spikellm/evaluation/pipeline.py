@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spikellm.checks import check_int
 from spikellm.config import build
+from spikellm.errors import SpikeLLMError
 from spikellm.checkpoints.atomic import atomic_write_json, check_writable
 
 
@@ -47,9 +48,14 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
                "config": OmegaConf.to_container(cfg, resolve=True)}
     seqlen = cfg.perplexity.seqlen or min(2048, model.config.max_seq_len)
     report = None
-    for index, dataset in enumerate(cfg.perplexity.datasets):
-        tokens = torch.tensor(loaded.tokenizer.encode(evaluation_text(str(dataset))), dtype=torch.long)
-        counter = OperationCounter(model) if index == 0 else None  # energy of the first corpus's tokens
+    for dataset in cfg.perplexity.datasets:
+        try:
+            text = evaluation_text(str(dataset), **_held_out(loaded.config, str(dataset)))
+        except SpikeLLMError as error:  # a hub corpus offline: keep what finished, name what failed
+            results.setdefault("failed", {})[f"perplexity {dataset}"] = str(error)
+            continue
+        tokens = torch.tensor(loaded.tokenizer.encode(text), dtype=torch.long)
+        counter = OperationCounter(model) if report is None else None  # energy of the first corpus's tokens
         try:
             result = perplexity(model, tokens, seqlen, cfg.perplexity.stride, cfg.perplexity.batch_size, progress=True)
         finally:
@@ -77,6 +83,15 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     if results.get("files_pending_export"):
         results["files"]["spiking_checkpoint"] = results.pop("files_pending_export")
     return results, report
+
+
+def _held_out(record: dict, dataset: str) -> dict:
+    """The pydoc split a train.py checkpoint was trained with (its seed and fraction), so its
+    perplexity is measured on documents it never saw; the default split for other models."""
+    split = record.get("split") or {}
+    if dataset != "pydoc" or split.get("source", "pydoc") != "pydoc" or split.get("explicit"):
+        return {}
+    return {key: split[key] for key in ("seed", "val_fraction") if key in split}
 
 
 def _export_spiking(loaded, results: dict, cfg) -> str:

@@ -6,8 +6,10 @@ checked is checked before the first training step, and a user-fixable problem is
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,11 @@ class TrainResult:
 
 def _check_cross_group(cfg: DictConfig, model_config) -> None:
     check_int("trainer.max_steps", cfg.trainer.get("max_steps"), 1)
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not _cuda_available():
+        raise ConfigError("trainer.accelerator", accelerator, "no CUDA GPU is visible on this machine; add "
+                                                              "trainer.accelerator=cpu (trainer=ddp runs one CPU "
+                                                              "process per trainer.devices) or use trainer=cpu")
     interval = cfg.trainer.get("val_check_interval")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
                                  or interval <= 0 or (isinstance(interval, float) and interval > 1)):
@@ -56,6 +63,12 @@ def _check_cross_group(cfg: DictConfig, model_config) -> None:
         raise ConfigError("data.block_size", block,
                           f"exceeds model.max_seq_len={model_config.max_seq_len}; "
                           "lower data.block_size or raise model.max_seq_len")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def converts(cfg: DictConfig) -> bool:
@@ -101,6 +114,35 @@ def run_training(cfg: DictConfig) -> TrainResult:
     in the data. A run never overwrites another run's ``last.ckpt``; its CSV logs go to a fresh
     directory when the run directory already has some (``csv/attempt-2`` ...).
     """
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)  # a read-only or full disk fails now, not after the training
+    with _run_directory_lock(output_dir):
+        return _run_training(cfg, output_dir)
+
+
+@contextlib.contextmanager
+def _run_directory_lock(output_dir: Path):
+    """Hold ``<run>/.run.lock`` for the whole run: a second run started into the same directory
+    (the same command twice, another seed) is refused in one line instead of both writing there.
+    Processes that a run launches itself (DDP ranks, other nodes) share the first one's directory."""
+    from filelock import FileLock, Timeout
+
+    if any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK")):
+        yield
+        return
+    lock = FileLock(str(output_dir / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError("hydra.run.dir", str(output_dir), "another run is writing into this directory now; wait "
+                                                            "for it to end, or give this one another hydra.run.dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_training(cfg: DictConfig, output_dir: Path) -> TrainResult:
     import warnings
 
     import lightning.pytorch as pl
@@ -108,8 +150,6 @@ def run_training(cfg: DictConfig) -> TrainResult:
     from spikellm.checkpoints.atomic import remove_stale_temporaries
     from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
-    output_dir = Path(cfg.paths.output_dir)
-    check_writable(output_dir)  # a read-only or full disk fails now, not after the training
     remove_stale_temporaries(output_dir / "checkpoints")  # halves of saves a kill cut short
     _refuse_spawn(cfg)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

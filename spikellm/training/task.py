@@ -140,7 +140,8 @@ class CausalLMTask(LanguageModelTask):
 def check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps) -> None:
     """The optimizer settings as one-line errors (``task.lr=nan`` would train to NaN, ``task.lr=abc``
     would fail inside AdamW with a traceback); :func:`~spikellm.config.build` prefixes ``task.``."""
-    check_float("lr", lr, 0.0, 10.0, low_open=True)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ConfigError("lr", lr, "must be a finite number > 0")
     check_float("weight_decay", weight_decay, 0.0, 10.0)
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
