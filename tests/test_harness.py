@@ -13,8 +13,9 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from spikellm.data import build_tokenizer
 from spikellm.errors import ConfigError, DataError
-from spikellm.evaluation import harness
-from spikellm.evaluation.harness import SpikeLLMEvalLM, run_tasks
+from spikellm.evaluation import harness, tasks
+from spikellm.evaluation.harness import SpikeLLMEvalLM
+from spikellm.evaluation.tasks import run_tasks
 from spikellm.models.llama import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,8 +219,8 @@ def test_example_task_runs_offline_end_to_end(lm, tokenizer, tmp_path, monkeypat
     def no_hub(*_):
         raise AssertionError("a local task must not touch lm-eval's default index or the hub")
 
-    monkeypatch.setattr(harness, "_default_manager", no_hub)
-    monkeypatch.setattr(harness, "_hub_reachable", no_hub)
+    monkeypatch.setattr(tasks, "_default_manager", no_hub)
+    monkeypatch.setattr(tasks, "_hub_reachable", no_hub)
     results = run_tasks(lm, [TOY_TASK], include_path=str(TASKS), limit=None, num_fewshot=0)
     assert set(results) == {TOY_TASK}
     metrics = results[TOY_TASK]
@@ -254,7 +255,7 @@ def test_local_task_with_missing_data_is_a_data_error(lm, tmp_path):
 def test_hub_task_offline_fails_fast_with_a_clear_message(lm, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(harness, "_hub_reachable", lambda *a: False)
+    monkeypatch.setattr(tasks, "_hub_reachable", lambda *a: False)
     for task in ("piqa", "arc_easy", "hellaswag"):
         start = time.monotonic()
         with pytest.raises(DataError, match="include_path") as err:
@@ -265,12 +266,12 @@ def test_hub_task_offline_fails_fast_with_a_clear_message(lm, monkeypatch):
 
 def test_hub_probe_is_bounded_in_time():
     start = time.monotonic()
-    reachable = harness._hub_reachable()  # the corpora's probe: a 3 s connection timeout
+    reachable = tasks._hub_reachable()  # the corpora's probe: a 3 s connection timeout
     assert isinstance(reachable, bool) and time.monotonic() - start < 6
 
 
 def test_unknown_task_is_a_config_error_naming_it(lm, monkeypatch):
-    monkeypatch.setattr(harness, "_hub_reachable", lambda *a: False)
+    monkeypatch.setattr(tasks, "_hub_reachable", lambda *a: False)
     with pytest.raises(ConfigError, match="no_such_task") as err:
         run_tasks(lm, [TOY_TASK, "no_such_task"], include_path=TASKS)
     assert err.value.key == "tasks" and TOY_TASK in str(err.value)  # lists the local tasks
@@ -337,9 +338,9 @@ def test_hub_tasks_load_through_lm_eval_index(lm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     monkeypatch.chdir(ROOT)  # lm-eval resolves data_files against the working directory
-    monkeypatch.setattr(harness, "_default_manager", lambda: TaskManager(include_path=str(TASKS),
+    monkeypatch.setattr(tasks, "_default_manager", lambda: TaskManager(include_path=str(TASKS),
                                                                           include_defaults=False))
-    monkeypatch.setattr(harness, "_hub_reachable", lambda *a: True)
+    monkeypatch.setattr(tasks, "_hub_reachable", lambda *a: True)
     results = run_tasks(lm, [TOY_TASK], limit=4)
     assert set(results[TOY_TASK]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
 

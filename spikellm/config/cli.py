@@ -91,6 +91,8 @@ def _parse_args(argv: list[str]):
     import io
 
     try:
+        # Hydra has no public API for its command-line parser; this is the one @hydra.main uses, so
+        # the check reads -m, --cfg, --config-name and the overrides exactly as the run will
         from hydra._internal.utils import get_args_parser
 
         parser = get_args_parser()
@@ -143,6 +145,9 @@ class _Composer:
         from hydra.core.global_hydra import GlobalHydra
         from hydra.types import RunMode
 
+        # not hydra.compose(): it parses the overrides as if typed in Python (from_shell=False) and
+        # without a run mode, so quoting, hydra.run.dir and ${hydra:...} would differ from what
+        # @hydra.main composes; this is the call it makes (hydra.core.global_hydra is public)
         with initialize_config_dir(config_dir=str(self.config_dir.resolve()), version_base="1.3"):
             return GlobalHydra.instance().hydra.compose_config(
                 self.config_name, overrides, run_mode=RunMode.RUN, from_shell=True, with_log_configuration=False)
@@ -257,13 +262,21 @@ def _given(key: str, overrides: list[str], parsed) -> tuple[str | None, str]:
 
 
 def _flat_keys(node, prefix: str) -> Iterator[str]:
+    """Every dotted key of a config's mappings (lists not entered), without resolving anything."""
     if isinstance(node, DictConfig):
         for name in node.keys():
             key = f"{prefix}.{name}" if prefix else str(name)
             yield key
-            child = node._get_node(name)
-            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_interpolation():
-                yield from _flat_keys(child, key)
+            if _plain_container(node, name):
+                yield from _flat_keys(node[name], key)
+
+
+def _plain_container(parent, name) -> bool:
+    """Whether ``parent[name]`` is a mapping or list that is set and no interpolation, so that
+    reading it resolves nothing (OmegaConf's public predicates; the node itself is not read)."""
+    if OmegaConf.is_missing(parent, name) or OmegaConf.is_interpolation(parent, name):
+        return False
+    return isinstance(parent[name], (DictConfig, ListConfig))
 
 
 def _yaml_error(error) -> OverrideError:
@@ -297,19 +310,18 @@ def _check_values(cfg: DictConfig) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     for key, parent, name in _nodes(cfg, ""):
-        node = parent._get_node(name)
-        if node._is_missing():
+        if OmegaConf.is_missing(parent, name):
             hint = MISSING_HINTS.get(key, "a value")
             raise OverrideError(key, "???", f"{key}=??? is not set: add {key}=<{hint}> to the command line")
-        if node._is_interpolation():
+        if OmegaConf.is_interpolation(parent, name):
             try:
                 parent[name]
             except OmegaConfBaseException as error:
                 text = str(error)
                 if "HydraConfig was not set" in text or "Missing mandatory value" in text:
                     continue  # ${hydra:...} is set when the run starts; a ??? is reported at its own key
-                raise OverrideError(key, node._value(), f"{key}={node._value()} cannot be resolved: "
-                                                        f"{first_line(error)}") from None
+                raw = OmegaConf.to_container(parent, resolve=False)[name]  # the ${...} as written
+                raise OverrideError(key, raw, f"{key}={raw} cannot be resolved: {first_line(error)}") from None
 
 
 def _nodes(node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
@@ -320,9 +332,8 @@ def _nodes(node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
             continue
         key = f"{prefix}.{name}" if prefix else str(name)
         yield key, node, name
-        child = node._get_node(name)
-        if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_interpolation():
-            yield from _nodes(child, key)
+        if _plain_container(node, name):
+            yield from _nodes(node[name], key)
 
 
 def _check_run_dir(cfg: DictConfig) -> None:

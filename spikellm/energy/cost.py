@@ -221,9 +221,11 @@ def load_cost_model(name_or_path: str, config_dir: str | Path | None = None) -> 
     """A cost model by name (``conf/energy/<name>.yaml``) or by path to a YAML file."""
     from omegaconf import OmegaConf
 
+    from spikellm.config.cli import conf_dir
+
     path = Path(name_or_path)
     if not path.suffix:
-        path = Path(config_dir or Path(__file__).resolve().parents[2] / "conf" / "energy") / f"{name_or_path}.yaml"
+        path = Path(config_dir or conf_dir() / "energy") / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise ConfigError("energy", str(name_or_path), f"no such cost model; one of: {', '.join(available)} "

@@ -74,9 +74,10 @@ from spikellm.neurons.base import SpikeEncoder
 from spikellm.neurons.stats import SpikeTally
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.work import AttentionWork, RecurrenceWork
+from spikellm.ops.hooks import HookSet
 
 
-class OperationCounter:
+class OperationCounter(HookSet):
     """Hooks that count the operations of every forward of ``model`` until :meth:`remove`.
 
     Use as a context manager around the forwards to count; :meth:`report` prices them.
@@ -87,7 +88,7 @@ class OperationCounter:
         self.ops: dict[str, LayerOps] = {}
         self.tokens = 0
         self.sequences = 0
-        self._handles = []
+        super().__init__()
         self._order: dict[str, int] = defaultdict(int)
         self._tallied: dict[str, SpikingLinear] = {}  # encoded projections, counted from their tallies
         self._windows: dict[str, tuple[int, int, int, bool]] = {}  # attention: (batch, start, new tokens, cached)
@@ -123,20 +124,12 @@ class OperationCounter:
         self.tokens += shape.numel()
         self.sequences += shape[0] if len(shape) > 1 else 1
 
-    def __enter__(self) -> "OperationCounter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def remove(self) -> None:
         self._fold_tallies()
         for layer in self._tallied.values():
             layer.encoder.tally = None
         self._tallied.clear()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
 
     def _fold_tallies(self) -> None:
         """Move what the projections' tallies hold into their operation counts (fresh tallies)."""

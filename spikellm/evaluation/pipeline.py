@@ -66,7 +66,8 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
             report = counter.report(cost)
             results["energy"] = report.to_dict()
     if cfg.tasks:
-        from spikellm.evaluation.harness import SpikeLLMEvalLM, run_tasks
+        from spikellm.evaluation.harness import SpikeLLMEvalLM
+        from spikellm.evaluation.tasks import run_tasks
 
         lm = SpikeLLMEvalLM(model, loaded.tokenizer, batch_size=cfg.batch_size, device=device)
         results["tasks"] = run_tasks(lm, list(cfg.tasks), include_path=cfg.task_dir, limit=cfg.limit,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
+from spikellm.ops.hooks import HookSet
 
 Batch = Tensor | tuple | list
 Forward = Callable[[nn.Module, Batch], object]
@@ -87,7 +88,7 @@ def _encoded_linears(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-class SaliencyAccumulator:
+class SaliencyAccumulator(HookSet):
     """Sums :func:`channel_saliency` of every encoded SpikingLinear of ``model`` over calibration batches.
 
     A forward pre-hook on each layer sees its float input before the encoder (``[..., C_in]``) and
@@ -100,6 +101,7 @@ class SaliencyAccumulator:
         self.layers = _encoded_linears(model)
         self.sums: dict[str, Tensor] = {}
         self.tokens: dict[str, int] = dict.fromkeys(self.layers, 0)
+        super().__init__()
         self._handles = [layer.register_forward_pre_hook(self._hook(name), with_kwargs=True)
                          for name, layer in self.layers.items()]
 
@@ -123,17 +125,6 @@ class SaliencyAccumulator:
         if bad:
             raise DataError(f"the saliency of {bad[0]!r} is not finite: the calibration activations overflow")
         return means
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> "SaliencyAccumulator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def _default_forward(model: nn.Module, batch: Batch):

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from spikellm.errors import SpikeLLMError
+from spikellm.errors import SpikeLLMError, first_line
 from spikellm.neurons.base import SpikeEncoder
 
 
@@ -102,7 +102,7 @@ class StopOnNonFinite(pl.Callback):
                 found, layer = _locate(trainer, module, *self._batch, gradients=not bad_loss)
             except Exception as error:  # the diagnosis must never hide the divergence itself
                 found = (f"could not re-run the batch to find the layer "
-                         f"({type(error).__name__}: {_first_line(error)})")
+                         f"({type(error).__name__}: {first_line(error, empty='')})")
         checkpoint, checkpoint_text = _last_good_checkpoint(trainer)
         for callback in trainer.checkpoint_callbacks:  # a diverged state is not worth saving
             if hasattr(callback, "save_on_exception"):
@@ -118,11 +118,6 @@ class StopOnNonFinite(pl.Callback):
             parts.append(found)
         parts += [f"the last good checkpoint is {checkpoint_text}", advice]
         raise TrainingDiverged("; ".join(parts).replace("\n", " "), step, layer, checkpoint)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def _by_device(tensors) -> dict:
