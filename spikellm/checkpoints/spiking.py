@@ -198,9 +198,6 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     except (OSError, SafetensorError, RuntimeError) as error:
         raise DataError(f"{weights} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
                         "it is truncated or corrupt") from None
-    if written is not None and written != config_digest(config):  # checkpoints before the digest have none
-        raise DataError(f"{directory}/config.json is not the one its weights were written with (its model, neuron "
-                        "or layer record was edited): restore it, or export the model again")
     neuron = config.get("neuron")
     encoder, _ = build_neuron(neuron)
     # the per-layer record is what the weights were written under; the neuron block may have been edited
@@ -245,6 +242,11 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     missing = [key for key in missing if key not in tied]
     if missing or unexpected:
         raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # an edit that keeps every shape (another n_heads, another encoder) passes the checks above;
+    # checkpoints written before the digest have none
+    if written is not None and written != config_digest(config):
+        raise DataError(f"{directory}/config.json is not the one its weights were written with (its model, neuron "
+                        "or layer record was edited): restore it, or export the model again")
     if config.get("thresholds"):
         from spikellm.sparsity import install_thresholds
 

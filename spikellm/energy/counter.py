@@ -255,10 +255,9 @@ def _difference(after: LayerOps, before: LayerOps | None) -> LayerOps:
 
 
 def graded(encoder: SpikeEncoder) -> bool:
-    """Whether the encoder's spikes carry a level above 1 (a GIF neuron with L > 2)."""
-    from spikellm.neurons.gif import GIFEncoder
-
-    return isinstance(encoder, GIFEncoder) and getattr(encoder, "levels", 2) > 2
+    """Whether the encoder's spikes carry a level above 1, as the encoder declares
+    (:attr:`~spikellm.neurons.base.SpikeEncoder.graded`: a GIF neuron with L > 2)."""
+    return bool(encoder.graded)
 
 
 def token_steps(encoder: SpikeEncoder) -> int:

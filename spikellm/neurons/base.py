@@ -126,6 +126,12 @@ class SpikeEncoder(nn.Module, ABC):
         unit spikes; a graded (multi-level) spike of level k counts k."""
         return self.spikes_per_count(counts)
 
+    @property
+    def graded(self) -> bool:
+        """Whether a spike can carry a level above 1 (multi-level spikes, priced by the cost model's
+        ``graded_spike``); binary and ternary codes: no."""
+        return False
+
     def spike_proxy(self, scaled_magnitude: Tensor) -> Tensor:
         """A smooth, increasing stand-in for :meth:`spikes_per_count` as a function of ``|x| / Δ``
         (within the count range): its gradient is what a spike objective follows (``|n|`` for

@@ -42,6 +42,10 @@ class GIFEncoder(UniformCountEncoder):
     def spikes_per_count(self, counts: Tensor) -> Tensor:
         return gif_spikes_per_count(counts, self.levels)
 
+    @property
+    def graded(self) -> bool:
+        return self.levels > 2  # L = 2 is a binary spike
+
     def spike_levels(self, counts: Tensor) -> Tensor:
         return counts.abs()  # a spike of level k carries k of the count
 
