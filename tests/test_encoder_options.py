@@ -279,7 +279,7 @@ def lsq_reference(encoder, x, grad, scale):
     low, high = encoder.count_bounds()
     if is_outlier_stream(encoder):  # the stream extends the window to the unclipped ±Q (per channel)
         m = 1 if encoder.channel_scale is None else encoder.channel_scale
-        low, high = -encoder.levels * m, encoder.levels * m
+        low, high = -encoder.step_levels * m, encoder.step_levels * m
     v = x.detach().float() / step
     inside = (v >= low) & (v <= high)  # Esser et al.: v/s clipped to [-Q_N, Q_P] before rounding
     g = 1.0 / math.sqrt(x[0].numel() * encoder.max_count)  # N_F: the features of one example

@@ -45,7 +45,7 @@ def test_a_user_file(tmp_path):
 
 def test_energy_terms():
     model = CostModel(name="x", mac_pj=1.0, ac_pj=0.5, graded_mac_pj=0.25, weight_read_pj=2.0,
-                      activation_read_pj=3.0, activation_write_pj=4.0, event_pj=5.0, bits=32, scale_bits=16)
+                      activation_read_pj=3.0, activation_write_pj=4.0, event_pj=5.0, operand_bits=32, scale_bits=16)
     split = model.energy(Operations(macs=1, graded_macs=4, acs=2, weight_reads=1, activation_reads=1,
                                     activation_writes=1, events=1))
     half = 0.5e-12  # × 16/32

@@ -248,3 +248,13 @@ def test_every_figure_names_the_cost_model(tmp_path):
         assert report.cost.name in str(table.title) and table.caption == report.cost.describe()
         assert report.cost.name in report.summary() and report.cost.charges() in report.summary()
         assert report.save_figure(tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_an_energy_json_written_before_operand_bits_still_reads(tmp_path):
+    """The cost model's operand width was called ``bits`` (issue 15: named apart from the code widths)."""
+    counter, _ = run(attention_model(), torch.randint(0, 13, (2, 6)))
+    report = counter.report(load_cost_model("sdllm_w4a4"))
+    data = report.to_dict()
+    data["cost_model"]["bits"] = data["cost_model"].pop("operand_bits")
+    again = EnergyReport.from_dict(data)
+    assert again.cost.operand_bits == report.cost.operand_bits and again.joules == pytest.approx(report.joules)

@@ -126,24 +126,28 @@ def atomic_write_json(path, data) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write_text`)."""
     import json
 
-    return _atomic_write(path, lambda f: json.dump(data, f, indent=2, default=str))
+    return atomic_write(path, lambda f: json.dump(data, f, indent=2, default=str))
 
 
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a kill)
     never sees half a file. A write the disk refuses is a :class:`DataError` naming ``path``; the
     temporary file is removed and a previous ``path`` is left as it was."""
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text))
 
 
-def _atomic_write(path, write) -> Path:
+def atomic_write(path, write, binary: bool = False) -> Path:
+    """Create ``path`` by ``write(file)`` on a temporary file beside it (opened in text mode, or
+    binary), then a rename: a reader, or a run after a kill, sees the whole file or none of it.
+    A write the disk refuses is a :class:`DataError` naming ``path``; the temporary file is removed
+    and a previous ``path`` is left as it was."""
     path = Path(path)
     existed = path.exists()
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException as error:

@@ -12,6 +12,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from spikellm.checkpoints.atomic import atomic_write as checkpoints_atomic_write
 from spikellm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -143,23 +144,14 @@ def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: st
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``path`` by ``write``-ing a temporary file beside it and renaming it into place.
-
-    The rename is atomic, so a reader (or a run after a kill) sees the whole file or none of it.
-    """
+    """A cache file written whole or not at all (:func:`spikellm.checkpoints.atomic.atomic_write`,
+    binary); a cache directory that cannot be created names ``data.cache_dir``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
                           "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    checkpoints_atomic_write(path, write, binary=True)
 
 
 def digest_documents(documents: Iterable[str], salt: str) -> str:

@@ -1,7 +1,7 @@
 """Energy cost models: data (``conf/energy/*.yaml``), never constants in code (DESIGN.md §6).
 
 A cost model is policy: it prices the raw operation counts of a run (:mod:`spikellm.energy.report`)
-in four terms, each in picojoules per operation, optionally scaled by ``bits / 32`` as SDLLM does
+in four terms, each in picojoules per operation, optionally scaled by ``scale_bits / operand_bits`` as SDLLM does
 for low-bit models:
 
 * **compute**: dense multiply-accumulates (``mac_pj``), accumulates driven by spikes (``ac_pj``),
@@ -79,10 +79,11 @@ class CostModel:
         name: shown in reports.
         mac_pj: one multiply-accumulate (dense floating-point or integer matmul work).
         ac_pj: one accumulate (a spike adding one weight to one output: a synaptic operation).
-        bits: operand width the scaling refers to; with ``scale_bits`` set, every energy (memory
-            terms included) is multiplied by ``scale_bits / bits`` (SDLLM's ``energy × bits/32``
-            for W4A4: bits 32, scale_bits 4).
-        scale_bits: see ``bits``; None for no scaling.
+        operand_bits: operand width the prices refer to; with ``scale_bits`` set, every energy
+            (memory terms included) is multiplied by ``scale_bits / operand_bits`` (SDLLM's
+            ``energy × bits/32`` for W4A4: operand_bits 32, scale_bits 4). (Named apart from an
+            encoder's and a weight quantizer's ``bits``, the code widths.)
+        scale_bits: see ``operand_bits``; None for no scaling.
         event_pj: energy per spike event sent on the network-on-chip (every spike of an encoder).
         weight_read_pj: energy to read one weight element of ``weight_bits`` bits from the memory
             the model assumes. A dense layer (and the dense reference of every report) at batch 1
@@ -107,7 +108,7 @@ class CostModel:
     name: str
     mac_pj: float
     ac_pj: float
-    bits: int = 32
+    operand_bits: int = 32
     scale_bits: int | None = None
     event_pj: float = 0.0
     weight_read_pj: float = 0.0
@@ -131,7 +132,7 @@ class CostModel:
             check_float(key, getattr(self, key), 0.0, 1e6)
         if self.graded_mac_pj is not None:
             check_float("graded_mac_pj", self.graded_mac_pj, 0.0, 1e6)
-        check_int("bits", self.bits, 1, 64)
+        check_int("operand_bits", self.operand_bits, 1, 64)
         check_int("weight_bits", self.weight_bits, 1, 64)
         if self.scale_bits is not None:
             check_int("scale_bits", self.scale_bits, 1, 64)
@@ -142,7 +143,7 @@ class CostModel:
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.scale_bits is None else self.scale_bits / self.bits
+        return 1.0 if self.scale_bits is None else self.scale_bits / self.operand_bits
 
     @property
     def graded_mac(self) -> float:
@@ -183,7 +184,7 @@ class CostModel:
         if not self.charges_memory:
             parts.append("compute only, no memory")
         if self.scale_bits is not None:
-            parts.append(f"× {self.scale_bits}/{self.bits} bits")
+            parts.append(f"× {self.scale_bits}/{self.operand_bits} bits")
         return "; ".join(parts)
 
     def describe(self) -> str:
@@ -208,7 +209,7 @@ class CostModel:
             left.insert(1 if not self.weight_read_pj else 0, "activation reads/writes")
         if not self.event_pj:
             left.append("spike events")
-        scaled = f", all × {self.scale_bits}/{self.bits} (bit scaling)" if self.scale_bits is not None else ""
+        scaled = f", all × {self.scale_bits}/{self.operand_bits} (bit scaling)" if self.scale_bits is not None else ""
         return (f"{self.name}: charges {', '.join(charged)}; {graded}{scaled}; "
                 f"leaves out {', '.join(left)}")
 

@@ -230,7 +230,11 @@ class EnergyReport:
         layers = [LayerOps(name=layer["name"], kind=layer["kind"],
                            **{key: value for key, value in layer["counts"].items() if key in known})
                   for layer in data["layers"]]
-        cost = cost if cost is not None else CostModel(**data["cost_model"])
+        if cost is None:
+            recorded = dict(data["cost_model"])
+            if "bits" in recorded:  # energy.json written before the field was named operand_bits
+                recorded["operand_bits"] = recorded.pop("bits")
+            cost = CostModel(**recorded)
         return cls(cost=cost, tokens=data["tokens"], sequences=data["sequences"], layers=layers)
 
     def save_json(self, path: str | Path) -> Path:

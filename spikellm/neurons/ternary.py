@@ -40,12 +40,12 @@ class TernaryEncoder(SpikeEncoder):
         self.bits = check_int("bits", bits, 2, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
         self._check_threshold_options()
-        self.levels = self.step_levels = 2 ** (self.bits - 1) - 1
-        self.clip = None if clip is None else check_int("clip", clip, 1, self.levels)
+        self.step_levels = 2 ** (self.bits - 1) - 1  # Q: the count the bound maps onto
+        self.clip = None if clip is None else check_int("clip", clip, 1, self.step_levels)
         if residual not in RESIDUALS:
             raise ConfigError("residual", residual, "must be one of: " + ", ".join(RESIDUALS))
         self.residual = residual
-        self.max_count = self.clip if self.clip is not None else self.levels
+        self.max_count = self.clip if self.clip is not None else self.step_levels
         self.min_count = -self.max_count
 
     def steps_for(self, max_abs_count: int) -> int:
@@ -69,7 +69,7 @@ class TernaryEncoder(SpikeEncoder):
         if self.residual != "outlier" or self.clip is None:
             return None
         scale = 1 if self.channel_scale is None else self.channel_scale
-        return quantize_counts(x, step, -self.levels * scale, self.levels * scale) - counts
+        return quantize_counts(x, step, -self.step_levels * scale, self.step_levels * scale) - counts
 
     def kernel_reason(self) -> str | None:
         if self.residual == "outlier" and self.clip is not None:
@@ -80,7 +80,7 @@ class TernaryEncoder(SpikeEncoder):
         if not (self.residual == "outlier" and self.clip is not None):
             return self.count_bounds()
         scale = 1 if self.channel_scale is None else self.channel_scale
-        return -self.levels * scale, self.levels * scale
+        return -self.step_levels * scale, self.step_levels * scale
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, gamma={self.gamma}, clip={self.clip}, residual={self.residual}, "

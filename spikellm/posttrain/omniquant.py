@@ -61,7 +61,7 @@ class LearnableClipping(WeightQuantizer):
         self.group_size = group_size or in_features
         if in_features % self.group_size:
             raise ConfigError("group_size", group_size, f"must divide the layer width {in_features}")
-        self.levels = 2 ** (self.bits - 1) - 1
+        self.max_int = 2 ** (self.bits - 1) - 1
         self.clip_logit = nn.Parameter(torch.full((out_features, in_features // self.group_size, 1), float(init)))
 
     @classmethod
@@ -73,8 +73,8 @@ class LearnableClipping(WeightQuantizer):
         out_features, in_features = weight.shape
         grouped = weight.reshape(out_features, in_features // self.group_size, self.group_size)
         bound = grouped.abs().amax(dim=-1, keepdim=True) * torch.sigmoid(self.clip_logit)
-        scale = (bound / self.levels).clamp_min(1e-8)
-        return (_round_ste(grouped / scale).clamp(-self.levels, self.levels) * scale).reshape(weight.shape)
+        scale = (bound / self.max_int).clamp_min(1e-8)
+        return (_round_ste(grouped / scale).clamp(-self.max_int, self.max_int) * scale).reshape(weight.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}"

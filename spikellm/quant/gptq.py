@@ -63,7 +63,7 @@ class GPTQResult:
 
 def _row_scale(quantizer: RoundToNearest, columns: Tensor) -> Tensor:
     """RTN's scale ``[out, 1]`` for a slice of columns that share one (a row, or a group)."""
-    return columns.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / quantizer.levels
+    return columns.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / quantizer.max_int
 
 
 @torch.no_grad()
@@ -78,9 +78,9 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     the group's weights as updated so far (the reference's ``static_groups=False``).
 
     ``quantizer`` may instead be a static grid, any object with ``column_grid(weight, hessian) ->
-    (scales [out, in], levels [in])`` (:class:`~spikellm.quant.ternary.TernaryAbsMean`,
+    (scales [out, in], max_ints [in])`` (:class:`~spikellm.quant.ternary.TernaryAbsMean`,
     :class:`~spikellm.quant.ternary.TernaryGIFGrid`): column j is rounded onto
-    ``scales[:, j] · {-levels[j] … levels[j]}``, all fixed before the first column is quantized.
+    ``scales[:, j] · {-max_ints[j] … max_ints[j]}``, all fixed before the first column is quantized.
     """
     static = hasattr(quantizer, "column_grid")
     if not static and not isinstance(quantizer, RoundToNearest):
@@ -103,17 +103,17 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     W[:, dead] = 0.0
 
     if static:  # a scale and a level count per column, fixed up front from the weight (and H)
-        column_scales, column_levels = quantizer.column_grid(W, H)
-        column_scales, column_levels = column_scales.float().to(W.device), column_levels.to(W.device)
+        column_scales, column_max_ints = quantizer.column_grid(W, H)
+        column_scales, column_max_ints = column_scales.float().to(W.device), column_max_ints.to(W.device)
     else:
-        column_levels = torch.full((columns,), quantizer.levels, device=W.device)
+        column_max_ints = torch.full((columns,), quantizer.max_int, device=W.device)
         scale = None if group is not None else _row_scale(quantizer, W)  # per channel: once, up front
         column_scales = None if group is not None else scale.expand(-1, columns)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
-        column_levels = column_levels[perm]
+        column_max_ints = column_max_ints[perm]
         column_scales = None if column_scales is None else column_scales[:, perm]
 
     diag = torch.arange(columns, device=H.device)
@@ -143,8 +143,8 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
             w = W1[:, i]
             if column_scales is not None:
                 scale = column_scales[:, col:col + 1]
-            levels = int(column_levels[col])
-            q_int = round_half_up(w.unsqueeze(1) / scale).clamp(-levels, levels)
+            top = int(column_max_ints[col])
+            q_int = round_half_up(w.unsqueeze(1) / scale).clamp(-top, top)
             q = (q_int * scale).squeeze(1)
             integers[:, col] = q_int.squeeze(1)
             Q[:, col] = q

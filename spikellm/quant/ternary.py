@@ -28,7 +28,7 @@ class TernaryAbsMean(WeightQuantizer):
         super().__init__()
         self.per_channel = check_bool("per_channel", per_channel)
         self.eps = check_float("eps", eps, 0.0, 1.0, low_open=True)
-        self.levels = 1
+        self.max_int = 1  # the grid is {-1, 0, 1}
 
     def scales_and_integers(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """Scales ``[out, 1, 1]`` and integers in {-1, 0, 1} ``[out, 1, in]`` (RoundToNearest's layout)."""
@@ -109,16 +109,16 @@ class TernaryGIFGrid:
         return best_scale
 
     def column_grid(self, weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
-        """``(scales [out, in], levels [in])`` for :func:`~spikellm.quant.gptq.gptq_quantize_detailed`."""
+        """``(scales [out, in], max_ints [in])`` for :func:`~spikellm.quant.gptq.gptq_quantize_detailed`."""
         w = weight.detach().float()
         salient = self.salient_columns(w, hessian)
-        levels = torch.where(salient, self.salient_terms, 1).long()
+        max_ints = torch.where(salient, self.salient_terms, 1).long()
         ordinary_part = w[:, ~salient] if (~salient).any() else w
         alpha = ordinary_part.abs().mean(dim=1, keepdim=True).clamp_min(self.ordinary.eps)
         scales = alpha.expand(-1, w.shape[1]).clone()
         if salient.any():
             scales[:, salient] = self._salient_scale(w[:, salient]).expand(-1, int(salient.sum()))
-        return scales, levels
+        return scales, max_ints
 
     def __repr__(self) -> str:
         return (f"TernaryGIFGrid(salient_fraction={self.salient_fraction}, salient_terms={self.salient_terms}, "

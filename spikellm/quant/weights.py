@@ -27,7 +27,7 @@ class RoundToNearest(WeightQuantizer):
         super().__init__()
         self.bits = check_int("bits", bits, 2, 16)
         self.group_size = None if group_size is None else check_int("group_size", group_size, 1)
-        self.levels = 2 ** (self.bits - 1) - 1
+        self.max_int = 2 ** (self.bits - 1) - 1  # the largest integer of the symmetric grid
 
     def scales_and_integers(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """Per-group scales ``[out, groups, 1]`` and integer weights ``[out, groups, group]``."""
@@ -36,8 +36,8 @@ class RoundToNearest(WeightQuantizer):
         if in_features % group:
             raise ConfigError("group_size", self.group_size, f"must divide the layer width {in_features}")
         grouped = weight.detach().float().reshape(out_features, in_features // group, group)
-        scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / self.levels
-        return scale, round_half_up(grouped / scale).clamp(-self.levels, self.levels)
+        scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / self.max_int
+        return scale, round_half_up(grouped / scale).clamp(-self.max_int, self.max_int)
 
     def forward(self, weight: Tensor) -> Tensor:
         scale, integers = self.scales_and_integers(weight)
