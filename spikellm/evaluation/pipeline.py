@@ -1,6 +1,8 @@
 """eval.py's job: load, measure perplexity and zero-shot accuracy, count energy, write results.json."""
 from __future__ import annotations
 
+import logging
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from spikellm.config import build
 from spikellm.errors import SpikeLLMError
 from spikellm.checkpoints.atomic import atomic_write_json, check_writable
 
+
+log = logging.getLogger(__name__)
 
 def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     """Returns ``(results, energy report or None)``; results are also written to ``cfg.results``."""
@@ -47,6 +51,11 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     results = {"ckpt": loaded.source, "model": loaded.config, "perplexity": {}, "tasks": {}, "energy": None,
                "config": OmegaConf.to_container(cfg, resolve=True)}
     seqlen = cfg.perplexity.seqlen or min(2048, model.config.max_seq_len)
+    if cfg.perplexity.seqlen is None and seqlen != 2048:
+        # the default window is the model's context: a 256-token LLaMA and a 2,048-token MatMul-free
+        # LM are then measured on different windows, and their perplexities do not compare
+        log.warning("perplexity over windows of %d tokens (the model's context); to compare models, give them "
+                    "the same perplexity.seqlen", seqlen)
     report = None
     for dataset in cfg.perplexity.datasets:
         try:
@@ -70,7 +79,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
         from spikellm.evaluation.tasks import run_tasks
 
         lm = SpikeLLMEvalLM(model, loaded.tokenizer, batch_size=cfg.batch_size, device=device)
-        results["tasks"] = run_tasks(lm, list(cfg.tasks), include_path=cfg.task_dir, limit=cfg.limit,
+        results["tasks"] = run_tasks(lm, list(cfg.tasks), include_path=cfg.include_path, limit=cfg.limit,
                                      num_fewshot=cfg.num_fewshot)
     if cfg.get("export"):
         results["files_pending_export"] = _export_spiking(loaded, results, cfg)
