@@ -14,11 +14,14 @@ Thresholds are applied by a forward pre-hook on each layer, keyed by module name
 """
 from __future__ import annotations
 
+import logging
+
 import math
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import Tensor, nn
 
 from spikellm.checks import check_float
@@ -74,6 +77,8 @@ class ActivationThreshold(nn.Module):
     def extra_repr(self) -> str:
         return f"threshold={float(self.threshold):.4g}"
 
+
+log = logging.getLogger(__name__)
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The layers that get thresholds, by full name in module order: every :class:`SpikingLinear`
@@ -250,7 +255,11 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Batch], loss_fn: Lo
         samples = _input_samples(model, layers, batches)
         reference = float(loss_fn(model, batches))
         result: dict[str, dict] = {}
-        for name in layers:
+        # each candidate is a full pass over the calibration batches: say how many, and show them
+        tokens = sum((b[0] if isinstance(b, (tuple, list)) else b).numel() for b in batches)
+        log.info("activation thresholds: %d layers, up to %d candidates each, one pass over %d calibration "
+                 "tokens per candidate", len(layers), len(candidates), tokens)
+        for name in track(list(layers), description="activation thresholds", transient=True):
             gate = installed[name]
             chosen, chosen_keep = 0.0, 1.0
             values = samples.get(name)

@@ -150,9 +150,14 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
                                                                                          resolve=True))
     ctx = ConversionContext(model, calibration, datamodule, teacher, cfg, output_dir)
     summaries = {}
-    for name, stage in stages.items():
+    for index, (name, stage) in enumerate(stages.items(), 1):
+        # a stage can run for minutes (each threshold candidate is a pass over the calibration set):
+        # say which one runs, and how long each took
+        log.info("stage %d/%d: %s (%s) on %d calibration sequences", index, len(stages), name, type(stage).__name__,
+                 len(calibration))
         began = time.perf_counter()
         summaries[name] = {**stage(ctx), "seconds": round(time.perf_counter() - began, 2)}
+        log.info("stage %s done in %.1f s", name, summaries[name]["seconds"])
     final_ppl, energy_after = validation_ppl(model, datamodule, eval_batches, cost)
     log.info("converted: validation ppl %.3f", final_ppl)
     metrics = {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl,
