@@ -17,3 +17,13 @@ def test_every_local_link_resolves():
             if not path.exists() or ROOT.resolve() not in path.parents:
                 broken.append(f"{page.name}: {target}")
     assert not broken, broken
+
+
+def test_eval_help_lists_only_the_groups_eval_takes():
+    """Issue 17: ``eval.py --help`` listed training-only groups (budget, trainer...) that eval.py then rejects."""
+    from conftest import run_script
+
+    done = run_script("eval.py", "--help")
+    assert done.returncode == 0
+    assert "neuron, energy, hardware, paths" in done.stdout
+    assert "budget" not in done.stdout and "trainer" not in done.stdout

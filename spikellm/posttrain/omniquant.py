@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -305,7 +306,7 @@ def block_calibration(model: nn.Module, samples: Tensor, epochs: int = 20, lwc_l
     results = []
     try:
         inputs = capture_block_inputs(model, samples, batch_size)
-        for index, block in enumerate(decoder_blocks(model)):
+        for index, block in enumerate(track(decoder_blocks(model), description="block calibration (LWC/LET)", transient=True)):
             with torch.enable_grad():
                 result = calibrate_block(block, inputs, epochs, lwc_lr, let_lr, lwc, let, alpha, index, seed)
             log.info("block %d: output MSE %.3g -> %.3g", index, result.initial_mse, result.final_mse)

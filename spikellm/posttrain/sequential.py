@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from rich.progress import track
 from torch import Tensor, nn
 
 from spikellm.errors import ConfigError
@@ -54,7 +55,7 @@ def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 1
     errors: dict[str, float] = {}
     try:
         inputs = capture_block_inputs(model, samples, batch_size)
-        for index, block in enumerate(decoder_blocks(model)):
+        for index, block in enumerate(track(decoder_blocks(model), description="GPTQ, block by block", transient=True)):
             layers = {name: m for name, m in block.named_modules() if isinstance(m, SpikingLinear)}
             if not layers:
                 raise ConfigError("model", type(model).__name__, "has no SpikingLinear in its blocks: spikify it first")

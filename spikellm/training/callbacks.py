@@ -41,7 +41,8 @@ class SpikeStatistics(pl.Callback):
                 for key in ("firing_rate", "spikes_per_activation", "silent_fraction"):
                     metrics[f"{prefix}{layer}/{key}"] = r[key]
         during_validation = prefix.startswith("val")
-        module.log_dict(metrics, on_step=not during_validation, on_epoch=during_validation)
+        # each rank counted its own shard: the logged figure is their mean (no DDP warning per metric)
+        module.log_dict(metrics, on_step=not during_validation, on_epoch=during_validation, sync_dist=True)
 
     def _samples(self, step: int) -> bool:
         return step % self.every_n_steps == 0
@@ -102,7 +103,7 @@ class EnergyReport(pl.Callback):
         module.log_dict({"val/energy/joules_per_token": report.per_token(report.joules),
                          "val/energy/ratio_to_dense": report.ratio_to_dense,
                          "val/energy/acs_per_token": report.per_token(report.acs),
-                         "val/energy/macs_per_token": report.per_token(report.macs)})
+                         "val/energy/macs_per_token": report.per_token(report.macs)}, sync_dist=True)
         if self.output_dir and trainer.is_global_zero:
             from pathlib import Path
 
