@@ -33,6 +33,13 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def one_line(raised) -> str:
+    """The message of a ``pytest.raises`` result, checked to be one line."""
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture
 def config_factory(tmp_path):
     return lambda *overrides: compose(list(overrides), tmp_path / "run")

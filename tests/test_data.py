@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line
 import torch
 from omegaconf import OmegaConf
 
@@ -31,12 +32,6 @@ def pydoc_dm(tmp_path_factory):
     dm = TextDataModule(block_size=32, batch_size=4, vocab_size=512, cache_dir=tmp_path_factory.mktemp("cache"))
     dm.setup("fit")
     return dm
-
-
-def one_line(error) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 def test_pydoc_corpus_is_embedded(pydoc_docs):

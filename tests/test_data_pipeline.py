@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line
 import tokenizers
 import torch
 
@@ -46,12 +47,6 @@ def files(tmp_path):
     (tmp_path / "val.txt").write_text(corpus_text(80, seed=2))
     (tmp_path / "test.txt").write_text(corpus_text(60, seed=3))
     return tmp_path
-
-
-def one_line(raised) -> str:
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 # ---------------------------------------------------------------------------------------------

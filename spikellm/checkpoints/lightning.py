@@ -98,6 +98,9 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None):
     except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on a corrupt JSON
         raise DataError(f"{path}: the tokenizer it carries cannot be read ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
+    if tokenizer.vocab_size > model.config.vocab_size:  # ids the embedding has no row for
+        raise DataError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}")
     data = datamodule_state(state)
     split = data.get("split")
     if split is None and "seed" in (data.get("train_position") or {}):  # written before the split was recorded

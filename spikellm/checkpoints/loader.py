@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from spikellm.errors import ConfigError, DataError
+from spikellm.errors import ConfigError
 
 #: every on-disk format :func:`load_model` reads, with what it is (for messages and the README)
 FORMATS = {
@@ -81,19 +81,9 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
         loaded = _load_converted(path)
     else:
         loaded = _load_hf(path, neuron, key)
-    _check_vocabulary(loaded, path)
     loaded.format = fmt
     loaded.model.to(device).eval()
     return loaded
-
-
-def _check_vocabulary(loaded: LoadedModel, path: Path) -> None:
-    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
-    if vocab is None and hasattr(loaded.model, "config") and hasattr(loaded.model.config, "hf"):
-        vocab = loaded.model.config.hf.vocab_size
-    if vocab is not None and loaded.tokenizer.vocab_size > vocab:  # ids the embedding has no row for
-        raise DataError(f"{path}: its tokenizer has {loaded.tokenizer.vocab_size} tokens but the model only "
-                        f"{vocab} embeddings; the tokenizer is not the one it was trained with")
 
 
 def _load_spiking(path: Path, device: str, backend: str) -> LoadedModel:

@@ -74,11 +74,10 @@ def _check_additions(cfg: DictConfig, parsed) -> None:
     """``+precision=bf16-true`` adds a top-level key nothing reads, and the run would go on in fp32
     without a word: a ``+key`` whose name is that of a key deeper in the config is refused with
     that key (``trainer.precision``). A ``+key`` that matches nothing is the user's own addition."""
-    keys = set(_flat_keys(cfg, ""))
-    for override in parsed:
+    added = [o for o in parsed if o.is_add() and "." not in o.key_or_group and "/" not in o.key_or_group]
+    keys = set(_flat_keys(cfg, "")) if added else set()  # walked only when there is a top-level +key
+    for override in added:
         key = override.key_or_group
-        if not override.is_add() or "." in key or "/" in key:
-            continue
         deeper = sorted(k for k in keys if k.rpartition(".")[2] == key and "." in k and not k.startswith("hydra."))
         if deeper:
             value = override.value()
