@@ -15,7 +15,9 @@ fit the prompt and the new tokens) with random weights (speed does not depend on
   cache bytes at the same lengths.
 
 Timed runs alternate pair by pair (A, B, A, B, ...) and the ratio is the median of the pairs'
-ratios, so the shared cores' drift hits both sides alike.
+ratios, so the shared cores' drift hits both sides alike. The first line says whether the encoders
+run the fused CPU encoder (``spikellm/ops/cpu_encode.c``); ``SPIKELLM_CPU_ENCODER=0`` measures
+them on the PyTorch path instead.
 """
 from __future__ import annotations
 
@@ -95,6 +97,10 @@ def main() -> None:
     total = args.prompt + args.new
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model=llama_tiny, batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy, median of {args.repeats} alternating pairs")
+    from spikellm.ops.cpu_encode import unavailable_reason
+
+    reason = unavailable_reason()
+    print("encoders: " + ("the fused CPU encoder" if reason is None else f"the PyTorch path ({reason})"))
 
     dense = build("llama_tiny", "none", total)
     if not args.skip_uncached:

@@ -20,17 +20,10 @@ from torch import Tensor
 def encode_counts_reference(x: Tensor, levels: int, low: int, high: int, signed: bool = True,
                             step: Tensor | None = None, channel_scale: Tensor | None = None):
     """``(counts [M, K] fp32, step [M, 1], count mass Σ|n| [M], non-zero counts [M])`` for ``x [M, K]``."""
-    from spikellm.ops.rounding import quantize_counts
+    from spikellm.ops.cpu_encode import encode_reference
 
-    x = x.float()
-    if step is None:
-        magnitude = x.abs() if signed else x.clamp_min(0)
-        step = magnitude.amax(dim=-1, keepdim=True).clamp_min(1e-8) / levels
-    step = step.reshape(-1, 1).float()
-    element_step, lo, hi = step, low, high
-    if channel_scale is not None:
-        element_step, lo, hi = step / channel_scale, low * channel_scale, high * channel_scale
-    counts = quantize_counts(x, element_step, lo, hi)
+    _, counts, step = encode_reference(x, levels, low, high, signed, None if step is None else step.reshape(-1, 1).float(),
+                                       channel_scale)
     return counts, step, counts.abs().sum(-1), (counts != 0).sum(-1).float()
 
 

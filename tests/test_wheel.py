@@ -2,6 +2,7 @@
 kernels, and its ``spikellm-train`` runs from an empty directory (Hydra finds the configs as
 ``pkg://spikellm.conf``, not beside a source checkout)."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,6 +28,7 @@ def test_a_built_wheel_trains_from_an_empty_directory(tmp_path):
     wheel = next(wheels.glob("spikellm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "spikellm/conf/train.yaml" in names and "spikellm/kernels/__init__.py" in names
+    assert "spikellm/ops/cpu_encode.c" in names  # the fused CPU encoder's source, compiled on first use
     # a fresh venv: spikellm from the wheel only; its dependencies from this environment's site-packages
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
@@ -42,7 +44,10 @@ def test_a_built_wheel_trains_from_an_empty_directory(tmp_path):
                            "validate_at_start=false"], cwd=empty, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
-    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import spikellm; print(spikellm.__file__)"],
-                           cwd=empty, capture_output=True, text=True, check=True)
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import spikellm; print(spikellm.__file__); "
+                            "from spikellm.ops import cpu_encode; print(cpu_encode.unavailable_reason())"],
+                           cwd=empty, capture_output=True, text=True, check=True,
+                           env={**os.environ, "SPIKELLM_CACHE_DIR": str(tmp_path / "compiled")})
     assert str(site) in check.stdout
+    assert check.stdout.splitlines()[-1] == "None" or not any(shutil.which(c) for c in ("cc", "gcc", "clang"))
     assert list(empty.glob("outputs/train/*/checkpoints/last.ckpt"))

@@ -193,14 +193,7 @@ class Attention(nn.Module):
         encoder = self.encoder[role]
         if cache is None or encoder.granularity != "channel":
             return encoder(x)
-        bound = encoder.magnitude(x).amax(dim=-2, keepdim=True)
-        previous = cache.bounds.get(role)
-        if previous is None:
-            encoded = encoder(x)
-        else:
-            encoded = encoder(torch.cat([previous.to(x.dtype), x], dim=-2))[..., 1:, :]
-            bound = torch.maximum(previous, bound)
-        cache.bounds[role] = bound
+        encoded, cache.bounds[role] = encoder.encode_continued(x, cache.bounds.get(role))
         return encoded
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,

@@ -38,9 +38,13 @@ from torch import Tensor, nn
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound
+from spikellm.ops.cpu_encode import (MAX_ELEMENTS as MAX_FUSED_ELEMENTS, absmax_encoder, cpu_encoder, fused_encode,
+                                     fused_encode_channels)
 from spikellm.ops.rounding import straight_through
 
 GRANULARITIES = ("token", "channel")
+# what an encoder keeps between forwards, derived from its attributes and dropped when one is set
+_CACHED = ("_settings", "_fused", "_fused_channels")
 THRESHOLDS = ("bound", "mean")
 
 
@@ -72,6 +76,24 @@ class SpikeEncoder(nn.Module, ABC):
         self.stats = None  # a SpikeStats while statistics are tracked
         self.tally = None  # a SpikeTally while a counter or a step needs the spike sums
         self.spike_terms = None  # a list of (differentiable spike count, activations) while a spike objective records
+
+    def __setattr__(self, name, value):
+        # any change of the encoder may change its settings and whether the fused encoder computes it
+        for cached in _CACHED:
+            self.__dict__.pop(cached, None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        # a copy or a pickle computes its own (a cached plan may hold functions bound to this encoder)
+        return {name: value for name, value in super().__getstate__().items() if name not in _CACHED}
+
+    def settings(self) -> str:
+        """The encoder's settings, as :meth:`extra_repr` shows them, kept until an attribute is set:
+        layers compare them on every forward to know whether they can share one spike train."""
+        settings = self.__dict__.get("_settings")
+        if settings is None:
+            settings = self.__dict__["_settings"] = self.extra_repr()
+        return settings
 
     def _check_threshold_options(self) -> None:
         """Combinations that would silently do something else: called by subclasses once ``gamma`` is set."""
@@ -212,6 +234,8 @@ class SpikeEncoder(nn.Module, ABC):
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
+        for cached in _CACHED:  # the loaded allocation may change what the fused encoders can do
+            self.__dict__.pop(cached, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the public two forms -------------------------------------------------------------
@@ -234,18 +258,30 @@ class SpikeEncoder(nn.Module, ABC):
         weights = self.time_weights().to(spikes).view(-1, *([1] * (spikes.dim() - 1)))
         return (spikes * weights).sum(0)
 
-    def kernel_reason(self) -> str | None:
-        """Why the fused Triton encoder (:mod:`spikellm.kernels`) cannot compute this encoder's counts,
-        or None when it can: it computes ``clamp(round_half_away(x / Δ), low, high)`` with a
-        per-token step (given, or the absmax over ``step_levels``) and per-channel multipliers, into
-        int8 counts. An encoder whose collapsed form is another function overrides this."""
+    def fused_reason(self) -> str | None:
+        """Why the fused encoders (the Triton kernel, :mod:`spikellm.kernels`, and the CPU one,
+        :mod:`spikellm.ops.cpu_encode`) cannot compute this encoder's collapsed form, or None when
+        they can: they compute ``clamp(round_half_away(x / Δ), low, high)`` with a per-token step
+        (given, or the bound of :meth:`magnitude` over ``step_levels``) and per-channel multipliers."""
         if self.granularity != "token":
             return "a per-channel (causal) step"
         if self.separate_clusters is not None and bool(self.separate_clusters):
             return "separate per-cluster steps"
-        if max(abs(self.min_count), abs(self.max_count)) * self.max_scale > 127:
-            return "counts beyond int8"
+        return self.counts_reason()
+
+    def counts_reason(self) -> str | None:
+        """Why this encoder's collapsed form is not ``clamp(round_half_away(x / Δ), low, high)`` of
+        its step (what every fused encoder computes), or None. An encoder whose collapsed form is
+        another function overrides this."""
         return None
+
+    def kernel_reason(self) -> str | None:
+        """Why the Triton kernels cannot run this encoder, or None: :meth:`fused_reason`, and the
+        kernels' int8 counts."""
+        reason = self.fused_reason()
+        if reason is None and max(abs(self.min_count), abs(self.max_count)) * self.max_scale > 127:
+            return "counts beyond int8"
+        return reason
 
     @property
     def keeps_full_range(self) -> bool:
@@ -292,6 +328,14 @@ class SpikeEncoder(nn.Module, ABC):
         """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
         (and, with a learnable step, reaches the step by the LSQ rule). ``siblings`` are encoders
         of other layers that receive this same spike train: their statistics are updated too."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.numel() <= MAX_FUSED_ELEMENTS:
+            fused = self.__dict__.get("_fused")
+            if fused is None:
+                fused = self.__dict__["_fused"] = self._fused_plan()
+            # the fused encoder gives the value alone: nothing to record, no gradient to keep
+            if fused is not False and (self.step_scale is None or not torch.is_grad_enabled()) and not any(
+                    e.records() for e in siblings):
+                return fused(x)
         counts, step = self.encode(x)
         listeners = (self, *siblings)
         grad_mode = torch.is_grad_enabled()
@@ -316,6 +360,51 @@ class SpikeEncoder(nn.Module, ABC):
         if self.step_scale is None:
             return straight_through(x, total * step, inside)
         return learned_step_quantize(x, self.step_scale, total, step, inside, self.lsq_gradient_scale(x))
+
+    def _fused_plan(self):
+        """How :meth:`forward` computes ``n · Δ`` with the fused CPU encoder (one C call in place of
+        ~10 tensor operations, which a one-token decoding step feels), or False where it cannot
+        (another collapsed form, statistics or a spike objective recorded, no C compiler). Kept in
+        ``_fused`` until an attribute of the encoder is set or a state dict loaded."""
+        if self.records() or self.fused_reason() is not None or cpu_encoder() is None:
+            return False
+        signed = self.min_count < 0
+        if self.absmax_step and self.channel_scale is None:  # the common case: the leanest call
+            return absmax_encoder(self.step_levels, self.min_count, self.max_count, signed)
+
+        def encode(x: Tensor) -> Tensor:
+            step = None if self.absmax_step else self.token_step(x)
+            return fused_encode(x, self.step_levels, self.min_count, self.max_count, signed=signed, step=step,
+                                channel_scale=self.channel_scale, want_step=False)[0]
+
+        return encode
+
+    def records(self) -> bool:
+        """Whether a forward must record something besides the value: statistics, a tally (the
+        energy counter) or a spike objective's terms."""
+        return self.stats is not None or self.tally is not None or self.spike_terms is not None
+
+    def encode_continued(self, x: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(n · Δ, bound)`` of new tokens ``x [..., T, C]`` of a per-channel (causal) code whose
+        running bound over the tokens before is ``previous [..., 1, C]`` (None: none before), and
+        the bound to carry on: the last T rows of the code over the whole sequence, which is what a
+        cached decoding step needs (the bound is a maximum, so continuing it is exact)."""
+        if (x.shape[-2] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+                and (previous is None or previous.dtype == torch.float32)):
+            fused = self.__dict__.get("_fused_channels")
+            if fused is None:
+                fused = self.__dict__["_fused_channels"] = (
+                    self.granularity == "channel" and self.counts_reason() is None and self.step_scale is None
+                    and self.channel_scale is None and not self.records() and cpu_encoder() is not None)
+            if fused and not (self._forward_hooks or self._forward_pre_hooks):  # hooks see the encoder called
+                return fused_encode_channels(x, previous, self.step_levels, self.min_count, self.max_count,
+                                             signed=self.min_count < 0)
+        bound = self.magnitude(x).amax(dim=-2, keepdim=True)
+        if previous is None:
+            return self(x), bound
+        # the carried bound as a first row: the running maximum then starts from it (and that row is dropped)
+        encoded = self(torch.cat([previous.to(x.dtype), x], dim=-2))[..., 1:, :]
+        return encoded, torch.maximum(previous, bound)
 
     def inside_window(self, x: Tensor, step: Tensor) -> Tensor:
         """Where the gradient passes: ``low <= x/Δ <= high`` on the window's bounds, as LSQ

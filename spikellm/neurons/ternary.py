@@ -71,10 +71,10 @@ class TernaryEncoder(SpikeEncoder):
         scale = 1 if self.channel_scale is None else self.channel_scale
         return quantize_counts(x, step, -self.step_levels * scale, self.step_levels * scale) - counts
 
-    def kernel_reason(self) -> str | None:
+    def counts_reason(self) -> str | None:
         if self.residual == "outlier" and self.clip is not None:
             return "an outlier stream beside the clipped train"
-        return super().kernel_reason()
+        return None
 
     def window_bounds(self):
         if not (self.residual == "outlier" and self.clip is not None):

@@ -71,13 +71,13 @@ class SpikingLinear(nn.Linear):
         """Whether ``other``, fed the same input, would see the very same spike train: encoders of
         the same settings, no per-layer allocation or learned step, the same rotation, collapsed."""
         a, b = self.encoder, other.encoder
-        # cheap checks first: this runs on every forward, and extra_repr formats a string
+        # cheap checks first: this runs on every forward
         return (a is not None and b is not None and type(a) is type(b)
                 and self.kernel_forward is None and other.kernel_forward is None
                 and a.channel_scale is None and b.channel_scale is None
                 and a.step_scale is None and b.step_scale is None
                 and self.rotate == other.rotate and not self.unroll and not other.unroll
-                and a.extra_repr() == b.extra_repr())
+                and a.settings() == b.settings())
 
     def _spike_train(self, x: Tensor):
         """``(spikes [T, ...], element step, outlier counts or None, time weights)``."""
