@@ -121,9 +121,15 @@ ENCODERS = {
 }
 
 
+def pytorch_encode(encoder, x):
+    """The encoder's collapsed form in PyTorch: ``(counts, element step)``."""
+    step = encoder.element_step(x)
+    return encoder.counts(x, step, *encoder.count_bounds()), step
+
+
 def pytorch_value(encoder, x):
     """What the PyTorch path's forward returns in evaluation: ``(n + outliers) · Δ``."""
-    counts, step = encoder.encode(x)
+    counts, step = pytorch_encode(encoder, x)
     outliers = encoder.outlier_counts(x, step, counts)
     return (counts if outliers is None else counts + outliers) * step
 

@@ -328,13 +328,13 @@ class SpikeEncoder(nn.Module, ABC):
         """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
         (and, with a learnable step, reaches the step by the LSQ rule). ``siblings`` are encoders
         of other layers that receive this same spike train: their statistics are updated too."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.numel() <= MAX_FUSED_ELEMENTS:
+        if x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and x.numel() <= MAX_FUSED_ELEMENTS:
             fused = self.__dict__.get("_fused")
             if fused is None:
                 fused = self.__dict__["_fused"] = self._fused_plan()
             # the fused encoder gives the value alone: nothing to record, no gradient to keep
-            if fused is not False and (self.step_scale is None or not torch.is_grad_enabled()) and not any(
-                    e.records() for e in siblings):
+            if fused is not False and (self.step_scale is None or not torch.is_grad_enabled()) and (
+                    not siblings or not any(e.records() for e in siblings)):
                 return fused(x)
         counts, step = self.encode(x)
         listeners = (self, *siblings)
@@ -389,7 +389,7 @@ class SpikeEncoder(nn.Module, ABC):
         running bound over the tokens before is ``previous [..., 1, C]`` (None: none before), and
         the bound to carry on: the last T rows of the code over the whole sequence, which is what a
         cached decoding step needs (the bound is a maximum, so continuing it is exact)."""
-        if (x.shape[-2] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+        if (x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and x.shape[-2] == 1
                 and (previous is None or previous.dtype == torch.float32)):
             fused = self.__dict__.get("_fused_channels")
             if fused is None:

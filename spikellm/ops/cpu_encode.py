@@ -173,9 +173,10 @@ def fused_encode_channels(x: Tensor, previous: Tensor | None, levels: int, low, 
     _check_input("fused_encode_channels", x)
     if x.shape[-2] != 1:
         raise ValueError(f"fused_encode_channels encodes one token [..., 1, C], got shape {tuple(x.shape)}")
-    x = x.contiguous()
-    if previous is not None:
-        previous = previous.to(torch.float32).expand_as(x).contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if previous is not None and not (previous.shape == x.shape and previous.is_contiguous()):
+        previous = previous.to(torch.float32).expand_as(x).contiguous()  # a carried bound usually is already
     bound, value = torch.empty_like(x), torch.empty_like(x)
     function(x.data_ptr(), x.numel(), None if previous is None else previous.data_ptr(), bound.data_ptr(), signed,
              levels, low, high, value.data_ptr())
