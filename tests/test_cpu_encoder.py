@@ -208,6 +208,26 @@ def test_a_changed_encoder_is_planned_again():
         exactly(copied(x), pytorch_value(encoder, x))
 
 
+def test_an_encoder_with_its_own_collapsed_form_keeps_the_pytorch_path(monkeypatch):
+    """A new encoder that defines its own counts() (or magnitude()) is never handed to the fused
+    encoders by default: they would compute the rounding it replaced."""
+
+    class Floor(TernaryEncoder):
+        def counts(self, x, step, low, high):
+            return torch.floor(x.float() / step).clamp(low, high)
+
+    class Squared(IFEncoder):
+        def magnitude(self, x):
+            return x.float() ** 2
+
+    for encoder in (Floor(bits=5), Squared(bits=4)):
+        assert "defines its own" in encoder.fused_reason() and encoder.kernel_reason() == encoder.fused_reason()
+        x = torch.randn(3, 16)
+        with torch.no_grad():
+            assert not used_fused(encoder, x, monkeypatch)
+            exactly(encoder(x), pytorch_value(encoder, x))
+
+
 def test_settings_follow_the_attributes():
     a, b = TernaryEncoder(bits=5), TernaryEncoder(bits=5)
     assert a.settings() == b.settings()
@@ -220,9 +240,9 @@ def test_settings_follow_the_attributes():
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
     """A cache of its own, and the loaded encoder forgotten before and after."""
-    monkeypatch.setenv("SPIKELLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPIKELLM_CACHE", str(tmp_path / "cache"))
     cpu_encode.reset()
-    yield tmp_path / "cache"
+    yield tmp_path / "cache" / "compiled"
     monkeypatch.undo()
     cpu_encode.reset()
 
@@ -261,7 +281,7 @@ def test_without_it_a_warning_says_why_and_encoders_give_the_same_numbers(proble
     elif problem == "unwritable cache":
         blocker = tmp_path / "blocker"
         blocker.write_text("a file where the cache directory should be")
-        monkeypatch.setenv("SPIKELLM_CACHE_DIR", str(blocker / "cache"))
+        monkeypatch.setenv("SPIKELLM_CACHE", str(blocker / "cache"))
     else:
         monkeypatch.setenv("SPIKELLM_CPU_ENCODER", "0")
     encoder = TernaryEncoder(bits=5)
@@ -277,7 +297,7 @@ def test_without_it_a_warning_says_why_and_encoders_give_the_same_numbers(proble
         return
     assert len(warnings) == 1 and "PyTorch path" in warnings[0], warnings
     hint = {"no compiler": "install gcc or clang", "compiler fails": "out of licences",
-            "unwritable cache": "SPIKELLM_CACHE_DIR"}[problem]
+            "unwritable cache": "SPIKELLM_CACHE"}[problem]
     assert hint in warnings[0]
     with pytest.raises(RuntimeError, match="unavailable"):
         fused_encode(x, 15, -15, 15)

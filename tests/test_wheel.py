@@ -47,7 +47,7 @@ def test_a_built_wheel_trains_from_an_empty_directory(tmp_path):
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import spikellm; print(spikellm.__file__); "
                             "from spikellm.ops import cpu_encode; print(cpu_encode.unavailable_reason())"],
                            cwd=empty, capture_output=True, text=True, check=True,
-                           env={**os.environ, "SPIKELLM_CACHE_DIR": str(tmp_path / "compiled")})
+                           env={**os.environ, "SPIKELLM_CACHE": str(tmp_path / "compiled")})
     assert str(site) in check.stdout
     assert check.stdout.splitlines()[-1] == "None" or not any(shutil.which(c) for c in ("cc", "gcc", "clang"))
     assert list(empty.glob("outputs/train/*/checkpoints/last.ckpt"))

@@ -40,7 +40,7 @@ from spikellm.errors import ConfigError
 from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound
 from spikellm.ops.cpu_encode import (MAX_ELEMENTS as MAX_FUSED_ELEMENTS, absmax_encoder, cpu_encoder, fused_encode,
                                      fused_encode_channels)
-from spikellm.ops.rounding import straight_through
+from spikellm.ops.rounding import quantize_counts, straight_through
 
 GRANULARITIES = ("token", "channel")
 # what an encoder keeps between forwards, derived from its attributes and dropped when one is set
@@ -111,8 +111,9 @@ class SpikeEncoder(nn.Module, ABC):
         """Time steps the temporal form needs to fire a count of this magnitude."""
 
     def magnitude(self, x: Tensor) -> Tensor:
-        """What the step is taken of (``|x|``; unsigned codes use the positive part), fp32."""
-        return x.float().abs()
+        """What the step is taken of, fp32: ``|x|``; unsigned codes (``min_count = 0``) never fire
+        for negative inputs, so only the positive part sets their range."""
+        return x.float().abs() if self.min_count < 0 else x.float().clamp_min(0)
 
     def step_size(self, x: Tensor) -> Tensor:
         """The dynamic step Δ (fp32): per token ``[..., 1]`` from the γ-quantile of the token (or
@@ -127,9 +128,10 @@ class SpikeEncoder(nn.Module, ABC):
         bound = causal_channel_bound(magnitude) if self.granularity == "channel" else quantile_bound(magnitude, self.gamma)
         return bound.clamp_min(1e-8) / self.step_levels
 
-    @abstractmethod
     def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
-        """Collapsed form: integer-valued fp32 counts in ``[low, high]`` (ints or tensors)."""
+        """Collapsed form: integer-valued fp32 counts in ``[low, high]`` (ints or tensors); here
+        ``clamp(round_half_away(x / Δ), low, high)``, which the fused encoders compute too."""
+        return quantize_counts(x, step, low, high)
 
     @abstractmethod
     def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
@@ -271,8 +273,12 @@ class SpikeEncoder(nn.Module, ABC):
 
     def counts_reason(self) -> str | None:
         """Why this encoder's collapsed form is not ``clamp(round_half_away(x / Δ), low, high)`` of
-        its step (what every fused encoder computes), or None. An encoder whose collapsed form is
-        another function overrides this."""
+        its step (what every fused encoder computes), or None. An encoder that defines its own
+        :meth:`counts` or :meth:`magnitude` is left to the PyTorch path; one that sends more than
+        the counts (an outlier stream) says so by overriding this."""
+        cls = type(self)
+        if cls.counts is not SpikeEncoder.counts or cls.magnitude is not SpikeEncoder.magnitude:
+            return f"{cls.__name__} defines its own counts() or magnitude()"
         return None
 
     def kernel_reason(self) -> str | None:

@@ -51,9 +51,6 @@ class TernaryEncoder(SpikeEncoder):
     def steps_for(self, max_abs_count: int) -> int:
         return max_abs_count  # one ±1 spike per step
 
-    def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
-        return quantize_counts(x, step, low, high)
-
     def train_from(self, x: Tensor, step: Tensor, low, high) -> Tensor:
         return ternary_spike_train(x, step, self.num_steps, limit=high)
 
@@ -74,7 +71,7 @@ class TernaryEncoder(SpikeEncoder):
     def counts_reason(self) -> str | None:
         if self.residual == "outlier" and self.clip is not None:
             return "an outlier stream beside the clipped train"
-        return None
+        return super().counts_reason()
 
     def window_bounds(self):
         if not (self.residual == "outlier" and self.clip is not None):

@@ -1,11 +1,8 @@
 """The collapsed form shared by the IF, GIF and bit-plane encoders."""
 from __future__ import annotations
 
-from torch import Tensor
-
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.neurons.base import SpikeEncoder, threshold_repr
-from spikellm.ops.rounding import quantize_counts
 from spikellm.neurons.rate_functional import count_limit
 
 
@@ -36,16 +33,9 @@ class UniformCountEncoder(SpikeEncoder):
         self.min_count = -self.max_count if self.signed else 0
         self.step_levels = self.max_count
 
-    def magnitude(self, x: Tensor) -> Tensor:
-        # unsigned codes never fire for negative inputs: only the positive part sets the range
-        return x.float().abs() if self.signed else x.float().clamp_min(0)
-
     @property
     def keeps_full_range(self) -> bool:
         return self.signed  # unsigned codes clip every negative activation to 0
-
-    def counts(self, x: Tensor, step: Tensor, low, high) -> Tensor:
-        return quantize_counts(x, step, low, high)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, signed={self.signed}, {threshold_repr(self)}T={self.num_steps}"

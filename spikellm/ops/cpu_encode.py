@@ -6,9 +6,9 @@ arithmetic (~20 µs a call against ~3 µs here). :func:`fused_encode` computes t
 as the PyTorch path (:func:`encode_reference`, the library's own rounding) in one call.
 
 The C source beside this file is compiled on first use with the system C compiler (``$CC``, else
-``cc``, ``gcc`` or ``clang``) into a per-user cache (``$SPIKELLM_CACHE_DIR``, else
-``$XDG_CACHE_HOME/spikellm`` or ``~/.cache/spikellm``), keyed by the source, the compiler and the
-flags, and loaded with :mod:`ctypes`: no build step at install, ~0.2 s once per machine. Where it
+``cc``, ``gcc`` or ``clang``) into ``compiled/`` of the cache the data uses too (``$SPIKELLM_CACHE``,
+else ``~/.cache/spikellm``), keyed by the source, the compiler, the flags and the platform, and
+loaded with :mod:`ctypes`: no build step at install, ~0.2 s once per machine. Where it
 cannot be built (no compiler, an unwritable cache), a warning says why, once, and the encoders
 keep the PyTorch path, which gives the same numbers. ``SPIKELLM_CPU_ENCODER=0`` turns it off.
 """
@@ -42,10 +42,9 @@ _state: dict = {}  # "functions" (the loaded C functions, or None) and "reason" 
 
 
 def cache_dir() -> Path:
-    """Where the compiled encoder is kept: ``$SPIKELLM_CACHE_DIR``, else the XDG cache."""
-    if os.environ.get("SPIKELLM_CACHE_DIR"):
-        return Path(os.environ["SPIKELLM_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "spikellm"
+    """Where the compiled encoder is kept: ``compiled/`` in the cache the data uses too,
+    ``$SPIKELLM_CACHE`` or else ``~/.cache/spikellm``."""
+    return Path(os.environ.get("SPIKELLM_CACHE") or "~/.cache/spikellm").expanduser() / "compiled"
 
 
 def _compiler() -> str | None:
@@ -97,7 +96,7 @@ def _load():
             _build(compiler, target)
             library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"cannot build it in {target.parent} ({error}); set SPIKELLM_CACHE_DIR to a writable directory"
+        return None, f"cannot build it in {target.parent} ({error}); set SPIKELLM_CACHE to a writable directory"
     pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     rows, channels = library.spikellm_encode_rows, library.spikellm_encode_channels
     rows.argtypes = [pointer, i64, i64, pointer, i32, i32, f32, pointer, f32, f32, pointer, pointer]
