@@ -131,16 +131,22 @@ def pytorch_value(encoder, x):
     """What the PyTorch path's forward returns in evaluation: ``(n + outliers) · Δ``."""
     counts, step = pytorch_encode(encoder, x)
     outliers = encoder.outlier_counts(x, step, counts)
-    return (counts if outliers is None else counts + outliers) * step
+    return ((counts if outliers is None else counts + outliers) * step).to(x.dtype)
 
 
-def used_fused(encoder, x, monkeypatch) -> bool:
+def used_fused(encoder, x, monkeypatch, *call) -> bool:
+    """Whether ``encoder(x)`` (or ``encoder.<call[0]>(x, *call[1:])``) ran a C function."""
     calls = []
-    real = cpu_encode.cpu_encoder
-    monkeypatch.setattr("spikellm.neurons.base.cpu_encoder", lambda: calls.append(1) or real())
-    encoder.__dict__.pop("_fused", None)
-    encoder(x)
-    return bool(calls) and encoder.__dict__.get("_fused") is not False
+    rows, channels = cpu_encode.cpu_encoder()
+    monkeypatch.setitem(cpu_encode._state, "functions", (lambda *a: calls.append(1) or rows(*a),
+                                                         lambda *a: calls.append(1) or channels(*a)))
+    for cached in ("_fused", "_fused_channels"):  # planned again, with the counting functions
+        encoder.__dict__.pop(cached, None)
+    getattr(encoder, call[0])(x, *call[1:]) if call else encoder(x)
+    monkeypatch.setitem(cpu_encode._state, "functions", (rows, channels))
+    for cached in ("_fused", "_fused_channels"):
+        encoder.__dict__.pop(cached, None)
+    return bool(calls)
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -228,6 +234,103 @@ def test_an_encoder_with_its_own_collapsed_form_keeps_the_pytorch_path(monkeypat
             exactly(encoder(x), pytorch_value(encoder, x))
 
 
+class FixedStep(TernaryEncoder):
+    def step_size(self, x):
+        return torch.full((*x.shape[:-1], 1), 0.25)
+
+
+class WideBounds(IFEncoder):
+    def count_bounds(self):
+        return -3, 3
+
+
+class Residual(TernaryEncoder):
+    def outlier_counts(self, x, step, counts):
+        return torch.ones_like(counts)
+
+
+@pytest.mark.parametrize("cls", [FixedStep, WideBounds, Residual])
+def test_an_encoder_overriding_any_part_of_its_collapsed_form_keeps_the_pytorch_path(cls, monkeypatch):
+    encoder = cls(bits=4)
+    x = torch.randn(4, 32) * 3
+    assert "defines its own" in encoder.fused_reason()
+    with torch.no_grad():
+        assert not used_fused(encoder, x, monkeypatch)
+        exactly(encoder(x), pytorch_value(encoder, x))
+
+
+def test_buffers_changed_in_place_are_seen_on_the_next_call(monkeypatch):
+    """Buffers change without an attribute being set: in place, by register_buffer, by .double(),
+    by torch.func.functional_call. Each call checks them."""
+    x = torch.randn(4, 32) * 3
+    x[:, 3] *= 20
+    mask = torch.arange(32) < 6
+    with torch.no_grad():
+        encoder = TernaryEncoder(bits=4)
+        encoder.allocate_channels(mask, 2, separate=False)
+        encoder(x)
+        encoder.separate_clusters.fill_(True)
+        exactly(encoder(x), pytorch_value(encoder, x))
+        assert not used_fused(encoder, x, monkeypatch)
+
+        plain = TernaryEncoder(bits=4)
+        plain(x)
+        plain.register_buffer("channel_scale", torch.where(mask, 4.0, 1.0))
+        exactly(plain(x), pytorch_value(plain, x))
+        plain._buffers["channel_scale"] = None
+        exactly(plain(x), pytorch_value(plain, x))
+
+        wide = TernaryEncoder(bits=4)
+        wide.allocate_channels(mask, 1)
+        wide(x)
+        wide.double()  # float64 multipliers: PyTorch computes x / Δ in float64, the C code cannot
+        exactly(wide(x), pytorch_value(wide, x))
+        assert not used_fused(wide, x, monkeypatch)
+
+        swapped = TernaryEncoder(bits=4)
+        swapped.allocate_channels(mask, 2, separate=False)
+        swapped(x)
+        state = {"channel_scale": swapped.channel_scale, "separate_clusters": torch.tensor(True)}
+        got = torch.func.functional_call(swapped, state, (x,))
+        reference = TernaryEncoder(bits=4)
+        reference.allocate_channels(mask, 2, separate=True)
+        exactly(got, pytorch_value(reference, x))
+
+
+def test_counts_beyond_two_to_the_24_keep_the_pytorch_path(monkeypatch):
+    encoder = IFEncoder(bits=16, signed=True)
+    encoder.channel_scale = torch.full((8,), 2.0 ** 20)  # set directly: allocate_channels stops at 2^8
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        exactly(encoder(x), pytorch_value(encoder, x))
+        assert not used_fused(encoder, x, monkeypatch)
+
+
+def test_tracing_and_exporting_see_the_pytorch_operations():
+    encoder = TernaryEncoder(bits=4).eval()
+    x, other = torch.randn(3, 16), torch.randn(3, 16) * 5
+    traced = torch.jit.trace(encoder, x)
+    with torch.no_grad():
+        exactly(traced(other), pytorch_value(encoder, other))
+        exported = torch.export.export(encoder, (x,))
+        exactly(exported.module()(other), pytorch_value(encoder, other))
+
+
+def test_a_cached_key_step_is_fused_only_without_hooks(monkeypatch):
+    encoder = TernaryEncoder(bits=5, granularity="channel")
+    token, previous = torch.randn(1, 2, 1, 8), torch.rand(1, 2, 1, 8)
+    with torch.no_grad():
+        assert used_fused(encoder, token, monkeypatch, "encode_continued", previous)
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: seen.append(1))
+        try:
+            assert not used_fused(encoder, token, monkeypatch, "encode_continued", previous) and seen
+        finally:
+            handle.remove()
+        big = torch.randn(1, 1, 1, cpu_encode.MAX_ELEMENTS + 1)
+        assert not used_fused(encoder, big, monkeypatch, "encode_continued", None)
+
+
 def test_settings_follow_the_attributes():
     a, b = TernaryEncoder(bits=5), TernaryEncoder(bits=5)
     assert a.settings() == b.settings()
@@ -268,7 +371,24 @@ def test_a_damaged_cached_library_is_built_again(fresh):
     exactly(fused_encode(x, 15, -15, 15)[0], encode_reference(x, 15, -15, 15)[0])
 
 
-@pytest.mark.parametrize("problem", ["no compiler", "compiler fails", "unwritable cache", "turned off"])
+def test_the_library_is_readable_by_others_sharing_the_cache(fresh):
+    cpu_encode.cpu_encoder()
+    (library,) = fresh.glob("cpu_encode-*.so")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert library.stat().st_mode & 0o755 == 0o755 & ~umask
+
+
+def test_a_compiler_given_with_arguments_is_used(fresh, monkeypatch, tmp_path):
+    wrapper = tmp_path / "wrap"
+    wrapper.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", f"{wrapper} {cpu_encode._compiler()[0]}")
+    assert cpu_encode.cpu_encoder() is not None
+    assert "cpu_encode.c" in (tmp_path / "args").read_text()
+
+
+@pytest.mark.parametrize("problem", ["no compiler", "compiler fails", "unwritable cache", "no home", "turned off"])
 def test_without_it_a_warning_says_why_and_encoders_give_the_same_numbers(problem, fresh, monkeypatch, tmp_path,
                                                                             caplog):
     if problem == "no compiler":
@@ -282,6 +402,10 @@ def test_without_it_a_warning_says_why_and_encoders_give_the_same_numbers(proble
         blocker = tmp_path / "blocker"
         blocker.write_text("a file where the cache directory should be")
         monkeypatch.setenv("SPIKELLM_CACHE", str(blocker / "cache"))
+    elif problem == "no home":
+        monkeypatch.delenv("SPIKELLM_CACHE")
+        monkeypatch.setattr(cpu_encode.Path, "expanduser", lambda self: (_ for _ in ()).throw(
+            RuntimeError("Could not determine home directory.")))
     else:
         monkeypatch.setenv("SPIKELLM_CPU_ENCODER", "0")
     encoder = TernaryEncoder(bits=5)
@@ -297,7 +421,7 @@ def test_without_it_a_warning_says_why_and_encoders_give_the_same_numbers(proble
         return
     assert len(warnings) == 1 and "PyTorch path" in warnings[0], warnings
     hint = {"no compiler": "install gcc or clang", "compiler fails": "out of licences",
-            "unwritable cache": "SPIKELLM_CACHE"}[problem]
+            "unwritable cache": "SPIKELLM_CACHE", "no home": "home directory"}[problem]
     assert hint in warnings[0]
     with pytest.raises(RuntimeError, match="unavailable"):
         fused_encode(x, 15, -15, 15)

@@ -38,13 +38,15 @@ from torch import Tensor, nn
 from spikellm.checks import check_bool, check_float, check_int
 from spikellm.errors import ConfigError
 from spikellm.neurons.functional import causal_channel_bound, learned_step_quantize, quantile_bound
-from spikellm.ops.cpu_encode import (MAX_ELEMENTS as MAX_FUSED_ELEMENTS, absmax_encoder, cpu_encoder, fused_encode,
-                                     fused_encode_channels)
+from spikellm.neurons import fused
 from spikellm.ops.rounding import quantize_counts, straight_through
 
 GRANULARITIES = ("token", "channel")
 # what an encoder keeps between forwards, derived from its attributes and dropped when one is set
 _CACHED = ("_settings", "_fused", "_fused_channels")
+#: the methods that define an encoder's collapsed form, as the fused encoders compute it
+COLLAPSED_FORM = ("counts", "magnitude", "step_size", "_step_of", "token_step", "element_step", "count_bounds",
+                  "outlier_counts", "encode", "forward")
 THRESHOLDS = ("bound", "mean")
 
 
@@ -194,7 +196,7 @@ class SpikeEncoder(nn.Module, ABC):
     @property
     def num_steps(self) -> int:
         """T: time steps of the temporal form (those of the channels with the most steps)."""
-        return self.steps_for(max(abs(self.min_count), abs(self.max_count)) * self.max_scale)
+        return self.steps_for(self.largest_count)
 
     def count_bounds(self):
         """``(low, high)`` count bounds: ints, or ``[C]`` tensors once channels are allocated."""
@@ -265,27 +267,39 @@ class SpikeEncoder(nn.Module, ABC):
         :mod:`spikellm.ops.cpu_encode`) cannot compute this encoder's collapsed form, or None when
         they can: they compute ``clamp(round_half_away(x / Δ), low, high)`` with a per-token step
         (given, or the bound of :meth:`magnitude` over ``step_levels``) and per-channel multipliers."""
+        reason = self.static_fused_reason()
+        if reason is None and self.separate_clusters is not None and bool(self.separate_clusters):
+            return "separate per-cluster steps"
+        return reason
+
+    def static_fused_reason(self) -> str | None:
+        """:meth:`fused_reason` as far as the encoder's settings decide it (not its buffers)."""
         if self.granularity != "token":
             return "a per-channel (causal) step"
-        if self.separate_clusters is not None and bool(self.separate_clusters):
-            return "separate per-cluster steps"
         return self.counts_reason()
 
     def counts_reason(self) -> str | None:
         """Why this encoder's collapsed form is not ``clamp(round_half_away(x / Δ), low, high)`` of
-        its step (what every fused encoder computes), or None. An encoder that defines its own
-        :meth:`counts` or :meth:`magnitude` is left to the PyTorch path; one that sends more than
-        the counts (an outlier stream) says so by overriding this."""
+        its step (what every fused encoder computes), or None. An encoder that overrides a method
+        of the collapsed form (:data:`COLLAPSED_FORM`) is left to the PyTorch path, unless the
+        class that overrides it lists it in ``fused_overrides`` (and says here when it does not hold)."""
         cls = type(self)
-        if cls.counts is not SpikeEncoder.counts or cls.magnitude is not SpikeEncoder.magnitude:
-            return f"{cls.__name__} defines its own counts() or magnitude()"
+        for name in COLLAPSED_FORM:
+            owner = next(c for c in cls.__mro__ if name in c.__dict__)
+            if owner is not SpikeEncoder and name not in owner.__dict__.get("fused_overrides", ()):
+                return f"{owner.__name__} defines its own {name}()"
         return None
+
+    @property
+    def largest_count(self) -> int:
+        """The largest count magnitude of any channel (allocated channels included)."""
+        return max(abs(self.min_count), abs(self.max_count)) * self.max_scale
 
     def kernel_reason(self) -> str | None:
         """Why the Triton kernels cannot run this encoder, or None: :meth:`fused_reason`, and the
         kernels' int8 counts."""
         reason = self.fused_reason()
-        if reason is None and max(abs(self.min_count), abs(self.max_count)) * self.max_scale > 127:
+        if reason is None and self.largest_count > 127:
             return "counts beyond int8"
         return reason
 
@@ -334,14 +348,9 @@ class SpikeEncoder(nn.Module, ABC):
         """``n · Δ`` in ``x.dtype``; gradient passes straight through inside the clipping window
         (and, with a learnable step, reaches the step by the LSQ rule). ``siblings`` are encoders
         of other layers that receive this same spike train: their statistics are updated too."""
-        if x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and x.numel() <= MAX_FUSED_ELEMENTS:
-            fused = self.__dict__.get("_fused")
-            if fused is None:
-                fused = self.__dict__["_fused"] = self._fused_plan()
-            # the fused encoder gives the value alone: nothing to record, no gradient to keep
-            if fused is not False and (self.step_scale is None or not torch.is_grad_enabled()) and (
-                    not siblings or not any(e.records() for e in siblings)):
-                return fused(x)
+        value = fused.forward_value(self, x, siblings)  # evaluation on small CPU tensors: one C call
+        if value is not None:
+            return value
         counts, step = self.encode(x)
         listeners = (self, *siblings)
         grad_mode = torch.is_grad_enabled()
@@ -367,24 +376,6 @@ class SpikeEncoder(nn.Module, ABC):
             return straight_through(x, total * step, inside)
         return learned_step_quantize(x, self.step_scale, total, step, inside, self.lsq_gradient_scale(x))
 
-    def _fused_plan(self):
-        """How :meth:`forward` computes ``n · Δ`` with the fused CPU encoder (one C call in place of
-        ~10 tensor operations, which a one-token decoding step feels), or False where it cannot
-        (another collapsed form, statistics or a spike objective recorded, no C compiler). Kept in
-        ``_fused`` until an attribute of the encoder is set or a state dict loaded."""
-        if self.records() or self.fused_reason() is not None or cpu_encoder() is None:
-            return False
-        signed = self.min_count < 0
-        if self.absmax_step and self.channel_scale is None:  # the common case: the leanest call
-            return absmax_encoder(self.step_levels, self.min_count, self.max_count, signed)
-
-        def encode(x: Tensor) -> Tensor:
-            step = None if self.absmax_step else self.token_step(x)
-            return fused_encode(x, self.step_levels, self.min_count, self.max_count, signed=signed, step=step,
-                                channel_scale=self.channel_scale, want_step=False)[0]
-
-        return encode
-
     def records(self) -> bool:
         """Whether a forward must record something besides the value: statistics, a tally (the
         energy counter) or a spike objective's terms."""
@@ -395,16 +386,9 @@ class SpikeEncoder(nn.Module, ABC):
         running bound over the tokens before is ``previous [..., 1, C]`` (None: none before), and
         the bound to carry on: the last T rows of the code over the whole sequence, which is what a
         cached decoding step needs (the bound is a maximum, so continuing it is exact)."""
-        if (x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and x.shape[-2] == 1
-                and (previous is None or previous.dtype == torch.float32)):
-            fused = self.__dict__.get("_fused_channels")
-            if fused is None:
-                fused = self.__dict__["_fused_channels"] = (
-                    self.granularity == "channel" and self.counts_reason() is None and self.step_scale is None
-                    and self.channel_scale is None and not self.records() and cpu_encoder() is not None)
-            if fused and not (self._forward_hooks or self._forward_pre_hooks):  # hooks see the encoder called
-                return fused_encode_channels(x, previous, self.step_levels, self.min_count, self.max_count,
-                                             signed=self.min_count < 0)
+        continued = fused.continued_value(self, x, previous)
+        if continued is not None:
+            return continued
         bound = self.magnitude(x).amax(dim=-2, keepdim=True)
         if previous is None:
             return self(x), bound
@@ -443,7 +427,7 @@ def record_tallies(encoder: SpikeEncoder, listeners, counts: Tensor, outliers: T
         return None
     # per-token sums first: exact in fp32 while a row's spikes stay below 2^24, and they also say
     # which tokens fired at all (a count fires iff it is non-zero, for every code)
-    bound = max(abs(encoder.min_count), abs(encoder.max_count)) * encoder.max_scale
+    bound = encoder.largest_count
     exact = torch.float32 if counts.dim() and counts.shape[-1] * bound < 2 ** 24 else torch.float64
     per_count = encoder.spikes_per_count(counts)
     rows = per_count.sum(dim=-1, dtype=exact)

@@ -68,6 +68,8 @@ class TernaryEncoder(SpikeEncoder):
         scale = 1 if self.channel_scale is None else self.channel_scale
         return quantize_counts(x, step, -self.step_levels * scale, self.step_levels * scale) - counts
 
+    fused_overrides = ("outlier_counts",)  # no stream unless residual=outlier with a clip, which counts_reason names
+
     def counts_reason(self) -> str | None:
         if self.residual == "outlier" and self.clip is not None:
             return "an outlier stream beside the clipped train"

@@ -19,6 +19,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef __cplusplus /* a C++ compiler as $CC: keep the names ctypes looks up */
+extern "C" {
+#endif
+
 /* max |x| (signed) or max(x, 0) (unsigned) of a row. The bits of a non-negative float order as
    integers, and a NaN's magnitude bits exceed infinity's, so an integer maximum of the magnitudes'
    bits is the float maximum with NaN propagated, as torch.amax does, and it vectorises. */
@@ -117,3 +121,7 @@ int spikellm_encode_channels(const float *x, int64_t n, const float *previous, f
     }
     return 0;
 }
+
+#ifdef __cplusplus
+}
+#endif

@@ -19,10 +19,11 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -47,62 +48,85 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPIKELLM_CACHE") or "~/.cache/spikellm").expanduser() / "compiled"
 
 
-def _compiler() -> str | None:
-    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` (which may carry arguments, ``ccache gcc``), else the first
+    of ``cc``, ``gcc``, ``clang`` on the PATH."""
+    if os.environ.get("CC"):
+        command = shlex.split(os.environ["CC"])
+        found = shutil.which(command[0]) if command else None
+        if found:
+            return [found, *command[1:]]
+    for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: list[str]) -> Path:
     """The cached library of this source, compiler, flags and platform."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compiler).encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
     return cache_dir() / f"cpu_encode-{key}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile the source into ``target``, atomically: a half-written library is never loaded."""
+class _CompileError(Exception):
+    """The compiler refused the source (its last line of output says why)."""
+
+
+def _build(compiler: list[str], target: Path) -> None:
+    """Compile the source into ``target``, atomically: a half-written library is never loaded, and a
+    process that has the old one loaded keeps its copy (it is replaced, never written in place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
-    os.close(handle)
+    # a name of our own that the compiler creates, so the library gets the usual permissions
+    partial = target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([*compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            raise _CompileError(f"{' '.join(compiler)} failed: {last[0]}")
         os.replace(partial, target)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        partial.unlink(missing_ok=True)
 
 
-def _load():
-    """``(C functions, None)`` or ``(None, why not)``; built once per machine, loaded once per process."""
-    if os.environ.get("SPIKELLM_CPU_ENCODER", "1") == "0":
-        return None, "turned off by SPIKELLM_CPU_ENCODER=0"
-    compiler = _compiler()
-    if compiler is None:
-        return None, "no C compiler found (set CC, or install gcc or clang)"
-    target = library_path(compiler)
-    try:
-        if not target.exists():
-            _build(compiler, target)
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError:  # a damaged cached file (a full disk, a copied cache): build it again, once
-            target.unlink(missing_ok=True)
-            _build(compiler, target)
-            library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        return None, f"cannot build it in {target.parent} ({error}); set SPIKELLM_CACHE to a writable directory"
+def _open(target: Path):
+    library = ctypes.CDLL(str(target))
     pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     rows, channels = library.spikellm_encode_rows, library.spikellm_encode_channels
     rows.argtypes = [pointer, i64, i64, pointer, i32, i32, f32, pointer, f32, f32, pointer, pointer]
     channels.argtypes = [pointer, i64, pointer, pointer, i32, f32, f32, f32, pointer]
     rows.restype = channels.restype = i32
-    return (rows, channels), None
+    return rows, channels
+
+
+def _load():
+    """``(C functions, None)`` or ``(None, why not)``; built once per machine, loaded once per process.
+    Nothing here may fail a run: every error becomes the reason."""
+    if os.environ.get("SPIKELLM_CPU_ENCODER", "1") == "0":
+        return None, "turned off by SPIKELLM_CPU_ENCODER=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    target = None
+    try:
+        target = library_path(compiler)
+        if not target.exists():
+            _build(compiler, target)
+        try:
+            return _open(target), None
+        except (OSError, AttributeError):  # a damaged cached file (a full disk, a copied cache): build it again
+            target.unlink(missing_ok=True)
+            _build(compiler, target)
+            return _open(target), None
+    except _CompileError as error:
+        return None, str(error)
+    except (OSError, subprocess.SubprocessError) as error:
+        where = "the cache" if target is None else target.parent
+        return None, f"cannot build or load it in {where} ({error}); set SPIKELLM_CACHE to a writable directory"
+    except Exception as error:  # e.g. no home directory to put the cache in
+        return None, f"{type(error).__name__}: {error}"
 
 
 def cpu_encoder():
