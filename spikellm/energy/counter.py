@@ -263,8 +263,8 @@ def graded(encoder: SpikeEncoder) -> bool:
 def token_steps(encoder: SpikeEncoder) -> int:
     """Steps a token's sum of spike rows is multiplied by: one, or two where the allocated channels
     take their own per-token bound (separate clusters; a channel's ``2^addbit`` is a shift)."""
-    scale, separate = encoder.channel_scale, encoder.separate_clusters
-    if scale is None or separate is None or not bool(separate):
+    scale = encoder.channel_scale
+    if scale is None or not encoder.clusters_apart:
         return 1
     salient = scale > 1
     return 2 if bool(salient.any()) and not bool(salient.all()) else 1

@@ -217,11 +217,17 @@ class SpikeEncoder(nn.Module, ABC):
         step = self.token_step(x)
         if self.channel_scale is None:
             return step
-        if self.separate_clusters is not None and bool(self.separate_clusters) and self.granularity == "token":
+        if self.clusters_apart and self.granularity == "token":
             salient = self.channel_scale > 1
             if bool(salient.any()) and not bool(salient.all()):
                 step = torch.where(salient, self.token_step(x[..., salient]), self.token_step(x[..., ~salient]))
         return step / self.channel_scale
+
+    @property
+    def clusters_apart(self) -> bool:
+        """Whether the allocated channels and the others take their per-token bounds apart
+        (:meth:`allocate_channels` with ``separate``); read from the buffer, which loading sets."""
+        return self.separate_clusters is not None and bool(self.separate_clusters)
 
     def allocate_channels(self, salient: Tensor, addbit: int, separate: bool = False) -> None:
         """Give the channels where ``salient`` ([C] bool) is set ``2^addbit`` times the steps;
@@ -238,7 +244,7 @@ class SpikeEncoder(nn.Module, ABC):
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
-        for cached in _CACHED:  # the loaded allocation may change what the fused encoders can do
+        for cached in _CACHED:  # the loaded allocation changes the settings shown (T)
             self.__dict__.pop(cached, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -268,7 +274,7 @@ class SpikeEncoder(nn.Module, ABC):
         they can: they compute ``clamp(round_half_away(x / Δ), low, high)`` with a per-token step
         (given, or the bound of :meth:`magnitude` over ``step_levels``) and per-channel multipliers."""
         reason = self.static_fused_reason()
-        if reason is None and self.separate_clusters is not None and bool(self.separate_clusters):
+        if reason is None and self.clusters_apart:
             return "separate per-cluster steps"
         return reason
 

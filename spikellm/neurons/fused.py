@@ -95,7 +95,8 @@ def continued_value(encoder, x: Tensor, previous: Tensor | None) -> tuple[Tensor
 
 def _buffers_fit(encoder) -> bool:
     scale = encoder._buffers["channel_scale"]
-    return scale is None or (scale.dtype == torch.float32 and encoder.fused_reason() is None
+    # the settings were checked when planned: only what the buffers decide is left
+    return scale is None or (scale.dtype == torch.float32 and not encoder.clusters_apart
                              and encoder.largest_count < _MAX_COUNT)
 
 

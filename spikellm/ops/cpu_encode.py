@@ -223,9 +223,10 @@ def absmax_encoder(levels: int, low: int, high: int, signed: bool = True):
     case every decoding step runs: :func:`fused_encode` with its arguments bound once, one Python
     frame and one allocation per call. ``x``: a contiguous float32 CPU tensor. None when the C
     encoder is unavailable."""
-    if cpu_encoder() is None:
+    functions = cpu_encoder()
+    if functions is None:
         return None
-    function = cpu_encoder()[0]
+    function = functions[0]
     # converted once: ctypes would convert the Python numbers again on every call
     levels_c, low_c, high_c, signed_c = (ctypes.c_float(levels), ctypes.c_float(low), ctypes.c_float(high),
                                          ctypes.c_int(int(signed)))
