@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spikellm.kernels
-from spikellm.checkpoints.spiking import (dequantize, is_spiking_checkpoint, load_spiking_checkpoint, model_card, read_config,
-                                 save_spiking_checkpoint, weight_format)
+from spikellm.checkpoints.spiking import (is_spiking_checkpoint, load_spiking_checkpoint, model_card, read_config,
+                                          save_spiking_checkpoint)
+from spikellm.checkpoints.weights import weight_format
 from spikellm.config import build_neuron
 from spikellm.errors import ConfigError, DataError
 from spikellm.kernels import packed_width
@@ -203,13 +204,13 @@ def test_round_trip(tmp_path, tokenizer, case, monkeypatch):
             assert torch.equal(layer.encoder.channel_scale, original.encoder.channel_scale)
             assert torch.equal(layer.encoder.separate_clusters, original.encoder.separate_clusters)
         if weight_format(original)[0] != "float":
-            integers, scales = layer.integer_weight
+            integers, scales = layer.packed.integers(), layer.packed.scales
             weight = original.weight.detach()  # the quantizer sees W H when the layer rotates
             reference_scale, reference_integers = original.weight_quantizer.scales_and_integers(
                 hadamard_transform(weight) if original.rotate else weight)
             assert torch.equal(integers.float(), reference_integers.reshape(integers.shape))
             assert torch.equal(scales, reference_scale.reshape(scales.shape))
-            assert torch.equal(dequantize(integers, scales), original.effective_weight().detach())
+            assert torch.equal(layer.packed.dequantize(), original.effective_weight().detach())
 
     # backend="triton": the eligible projections run the kernels, every projection stays correct
     calls = []
@@ -223,9 +224,8 @@ def test_round_trip(tmp_path, tokenizer, case, monkeypatch):
     assert use_kernels(kernel_model) == expected_routes  # idempotent, and says what it routed
     for name, layer in kernel_model.spiking_linears().items():
         if routes[name]:  # the kernel reads the weights as stored: packed, not widened
-            packed, fmt = layer.packed_weight
-            assert fmt == saved["layers"][name]["weight_format"]
-            assert torch.equal(packed, tensors[f"{name}.qweight"])
+            assert layer.packed.fmt == saved["layers"][name]["weight_format"]
+            assert torch.equal(layer.packed.data, tensors[f"{name}.qweight"])
     track_spikes(kernel_model)
     track_spikes(loaded)
     with torch.no_grad():

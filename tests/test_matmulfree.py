@@ -22,12 +22,13 @@ from conftest import CONF, run_script
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from spikellm.checkpoints.spiking import dequantize, load_spiking_checkpoint, read_config, save_spiking_checkpoint
+from spikellm.checkpoints.spiking import load_spiking_checkpoint, read_config, save_spiking_checkpoint
 from spikellm.config import build_neuron
 from spikellm.energy import OperationCounter
 from spikellm.errors import ConfigError
 from spikellm.kernels.packing import packed_width, unpack_weights_reference
 from spikellm.models import LlamaConfig, MatMulFreeConfig, MatMulFreeLM, set_hardware_mode
+from spikellm.nn.packed import PackedWeight
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.quant.fixed_point import HardwareQuant, lut, rsqrt_fixed, to_fixed
 from spikellm.sparsity import gates, install_thresholds
@@ -419,7 +420,8 @@ def test_spiking_checkpoint_round_trip_with_thresholds(trained, tokenizer, tmp_p
         assert packed.shape == (layer.out_features, packed_width(layer.in_features, "ternary"))  # 4 per byte
         integers = unpack_weights_reference(packed, layer.in_features, "ternary")
         assert set(integers.unique().tolist()) <= {-1, 0, 1}
-        assert torch.equal(dequantize(integers, tensors[f"{name}.qscale"]), layer.effective_weight().detach())
+        stored = PackedWeight(packed, "ternary", layer.in_features, tensors[f"{name}.qscale"])
+        assert torch.equal(stored.dequantize(), layer.effective_weight().detach())
     # thresholds: recorded, reinstalled on load, and they change the output
     assert read_config(tmp_path / "sparse")["thresholds"] == thresholds
     assert read_config(tmp_path / "plain")["thresholds"] == {}

@@ -18,6 +18,7 @@ from spikellm.neurons import BitPlaneEncoder, GIFEncoder, IFEncoder, TernaryEnco
 from spikellm.neurons.functional import quantile_bound, ternary_spike_train, ternary_surrogate_value
 from spikellm.nn import SpikingLinear
 from spikellm.nn.kernel_linear import use_kernels
+from spikellm.nn.packed import PackedWeight
 from spikellm.ops.rounding import quantize_counts, round_half_away, round_half_up
 from spikellm.quant import RoundToNearest
 
@@ -329,7 +330,7 @@ def test_sparse_kernel_path_equals_the_float_path():
     layer = SpikingLinear(64, 32, bias=True, encoder=TernaryEncoder(bits=5, gamma=0.5),
                           weight_quantizer=RoundToNearest(bits=8)).eval()
     scales, integers = layer.weight_quantizer.scales_and_integers(layer.weight)
-    layer.integer_weight = (integers.reshape(32, 64), scales.reshape(32, 1))
+    layer.packed = PackedWeight.from_integers(integers.reshape(32, 64), scales.reshape(32, 1), fmt="int8")
     dense = torch.nn.functional.linear(x, layer.weight, layer.bias)
     with torch.no_grad():
         expected = layer(x)

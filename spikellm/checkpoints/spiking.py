@@ -5,9 +5,11 @@ A directory holding
 - ``config.json``: format and version, the model config, the neuron config, every projection's
   encoder and weight format (``int4``, ``int8``, ``ternary`` packed integers with per-row/group
   scales, or ``float``), the cost model of its energy figures;
-- ``model.safetensors``: the packed integer weights (``<layer>.qweight``) and their scales
-  (``<layer>.qscale``), every other parameter, and the encoders' buffers (step allocations,
-  cluster flags, learned step scales);
+- ``model.safetensors`` (or shards ``model-0000i-of-0000N.safetensors`` with
+  ``model.safetensors.index.json`` when larger than a shard, as ``transformers`` writes them): the
+  packed integer weights (``<layer>.qweight``), their scales (``<layer>.qscale``) and, where
+  columns pick their scale, ``<layer>.qgidx``; every other parameter; and the encoders' buffers
+  (step allocations, cluster flags, learned step scales);
 - the tokenizer, and ``README.md``, a model card with the evaluation and energy figures.
 
 :func:`load_spiking_checkpoint` rebuilds the model from these alone. A projection's weight is
@@ -26,10 +28,10 @@ from torch import Tensor
 
 from spikellm.errors import ConfigError, DataError
 from spikellm.checkpoints.atomic import atomic_directory
-from spikellm.ops.hadamard import hadamard_transform
+from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, write_tensors
+from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.quant.ternary import TernaryAbsMean
-from spikellm.quant.weights import RoundToNearest
+from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
 
 FORMAT = "spikellm-spiking-checkpoint"
 VERSION = 1
@@ -37,73 +39,20 @@ DIGEST = "config_digest"  # the weights' metadata key binding them to config.jso
 BACKENDS = ("auto", "torch", "triton")
 
 
-def weight_format(layer: SpikingLinear) -> tuple[str, int | None, int | None]:
-    """``(format, bits, group_size)`` a projection's weight is stored in."""
-    quantizer = layer.weight_quantizer
-    if isinstance(quantizer, TernaryAbsMean):
-        return "ternary", 2, None
-    if isinstance(quantizer, RoundToNearest) and quantizer.bits <= 8:
-        return ("int4" if quantizer.bits <= 4 else "int8"), quantizer.bits, quantizer.group_size
-    return "float", None, None
-
-
-def _quantizable_weight(layer: SpikingLinear) -> Tensor:
-    """The weight the quantizer sees: rotated first when the rotation is not folded yet."""
-    weight = layer.weight
-    return hadamard_transform(weight) if layer.rotate and not bool(layer.rotation_folded) else weight
-
-
-def _integers_and_scales(layer: SpikingLinear) -> tuple[Tensor, Tensor]:
-    """``(integers [N, K], scales [N, groups])`` with ``quantizer(W) == (integers · scale)``."""
-    scale, integers = layer.weight_quantizer.scales_and_integers(_quantizable_weight(layer).detach())
-    return integers.reshape(layer.out_features, -1), scale.reshape(layer.out_features, -1)
-
-
-def dequantize(integers: Tensor, scales: Tensor) -> Tensor:
-    """``integers · scale`` in the layout and order the quantizers compute it (bit-identical)."""
-    out_features, in_features = integers.shape
-    groups = scales.shape[1]
-    grouped = integers.float().reshape(out_features, groups, in_features // groups)
-    return (grouped * scales.float().reshape(out_features, groups, 1)).reshape(out_features, in_features)
-
-
 @torch.no_grad()
 def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dict | None, tokenizer,
                             card: dict | None = None, cost_model: str | None = None, overwrite: bool = False,
-                            thresholds: dict[str, float] | None = None) -> Path:
+                            thresholds: dict[str, float] | None = None,
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``model`` (a :class:`~spikellm.models.llama.SpikingLlama` or a
     :class:`~spikellm.models.matmulfree.MatMulFreeLM`) as a spiking checkpoint; ``thresholds``:
-    activation-sparsity thresholds (:mod:`spikellm.sparsity`) by layer name, reinstalled on load."""
-    from safetensors.torch import save_file
-
-    from spikellm.kernels.packing import pack_weights
-
-    layers, tensors = {}, {}
-    quantized = set()
-    for name, layer in model.spiking_linears().items():
-        fmt, bits, group = weight_format(layer)
-        layers[name] = {"weight_format": fmt, "bits": bits, "group_size": group, "in_features": layer.in_features,
-                        "out_features": layer.out_features, "rotate": bool(layer.rotate),
-                        "encoder": None if layer.encoder is None else
-                        f"{type(layer.encoder).__name__}({layer.encoder.extra_repr()})"}
-        if fmt != "float":
-            integers, scales = _integers_and_scales(layer)
-            tensors[f"{name}.qweight"] = pack_weights(integers, fmt)
-            tensors[f"{name}.qscale"] = scales.float().contiguous()
-            quantized.add(f"{name}.weight")
-    state = model.state_dict()
-    seen: dict[int, str] = {}
-    for key, value in state.items():
-        if key in quantized:
-            continue
-        if value.data_ptr() in seen and value.numel():  # tied (embeddings and head): stored once
-            continue
-        seen[value.data_ptr()] = key
-        tensors[key] = value.detach().contiguous().clone()
+    activation-sparsity thresholds (:mod:`spikellm.sparsity`) by layer name, reinstalled on load.
+    Weights over ``max_shard_bytes`` are sharded with an index, as ``transformers`` does."""
+    layers, tensors = stored_tensors(model, model.spiking_linears())
     config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
               "cost_model": cost_model, "card": card or {}, "thresholds": dict(thresholds or {})}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, DIGEST: config_digest(config)})
+        write_tensors(tmp, tensors, {"format": FORMAT, DIGEST: config_digest(config)}, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         (tmp / "README.md").write_text(model_card(config))
@@ -172,78 +121,62 @@ def is_spiking_checkpoint(directory) -> bool:
 
 
 @torch.no_grad()
-def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torch.device = "cpu"):
+def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32):
     """``(model in eval mode, tokenizer, config)`` from a directory written by :func:`save_spiking_checkpoint`.
 
+    The model is built without memory and each tensor read into place (packed weights
+    dequantized once, to ``dtype``): loading holds the model and one tensor more.
     ``backend``: ``torch`` (the float collapsed form, bit-identical to the writer), ``triton``
     (the kernels; CUDA or the Triton interpreter), ``auto`` (triton on a CUDA device, else torch).
     Anything missing, corrupt or inconsistent is a DataError naming it; no partial model is returned.
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     from spikellm.config import build, build_attention_encoder, build_neuron
     from spikellm.data.tokenizer import build_tokenizer
-    from spikellm.kernels.packing import unpack_weights_reference
 
     if backend not in BACKENDS:
         raise ConfigError("backend", backend, "must be one of: " + ", ".join(BACKENDS))
     directory = Path(directory)
     config = read_config(directory)
-    weights = directory / "model.safetensors"
-    try:
-        tensors = load_file(str(weights))
-        with safe_open(str(weights), "pt") as handle:
-            written = (handle.metadata() or {}).get(DIGEST)
-    except (OSError, SafetensorError, RuntimeError) as error:
-        raise DataError(f"{weights} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
-                        "it is truncated or corrupt") from None
+    files = TensorFiles(directory, fix="the checkpoint is truncated or corrupt: export it again")
     neuron = config.get("neuron")
     encoder, _ = build_neuron(neuron)
     # the per-layer record is what the weights were written under; the neuron block may have been edited
-    rotations = {bool(info.get("rotate", False)) for info in config["layers"].values()}
+    rotations = {bool(info.get("rotate", False)) for info in config["layers"].values() if isinstance(info, dict)}
     rotate = rotations.pop() if len(rotations) == 1 else bool((neuron or {}).get("rotate", False))
     model_config = build(config["model"], "model")
     if not callable(getattr(model_config, "build", None)):
         raise DataError(f"{directory}/config.json: model._target_={config['model'].get('_target_')!r} is not a "
                         "model config (LlamaConfig, MatMulFreeConfig)")
-    model = model_config.build(encoder, None, attention_encoder=build_attention_encoder(neuron), rotate=rotate)
+    with empty_parameters():
+        model = model_config.build(encoder, None, attention_encoder=build_attention_encoder(neuron), rotate=rotate)
     modules = dict(model.named_modules())
     for name, info in config["layers"].items():
         layer = modules.get(name)
-        if not isinstance(layer, SpikingLinear) or (layer.in_features, layer.out_features) != (
-                info["in_features"], info["out_features"]):
+        if not isinstance(info, dict) or not isinstance(layer, SpikingLinear) or (
+                layer.in_features, layer.out_features) != (info.get("in_features"), info.get("out_features")):
             raise DataError(f"{directory}: layer {name!r} of config.json does not match the model it describes")
         if bool(layer.rotate) != bool(info.get("rotate", False)):
             raise DataError(f"{directory}: layer {name!r} is recorded with rotate={info.get('rotate')} but the model "
                             "rotates its layers uniformly; mixed rotation is not a format this spikellm reads")
-        if info["weight_format"] == "float":
-            continue
-        try:
-            packed, scales = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qscale")
-        except KeyError as missing:
-            raise DataError(f"{weights} lacks the tensor {missing.args[0]!r}") from None
-        integers = unpack_weights_reference(packed, layer.in_features, info["weight_format"])
-        if (integers.shape != (layer.out_features, layer.in_features) or scales.dim() != 2
-                or scales.shape[0] != layer.out_features or not scales.shape[1]
-                or layer.in_features % scales.shape[1]):
-            raise DataError(f"{weights}: {name} has packed weights {tuple(packed.shape)} and scales "
-                            f"{tuple(scales.shape)}, not those of a {layer.out_features}×{layer.in_features} layer")
-        tensors[f"{name}.weight"] = dequantize(integers, scales)
-        tensors[f"{name}.rotation_folded"] = torch.tensor(True)  # the weight is stored rotated
-        layer.integer_weight = (integers, scales)  # the integers and their scales
-        layer.packed_weight = (packed, info["weight_format"])  # what the kernel path reads
+    weights = files.directory / WEIGHTS
+    packed = read_packed(files, config["layers"], weights)
+    expected = set(model.state_dict())
+    plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as error:  # a shape mismatch: config.json describes another model than the weights
-        detail = " ".join(str(error).split())[:300]
-        raise DataError(f"{weights} does not match config.json: {detail}") from None
-    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    missing = [key for key in missing if key not in tied]
+        unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
+    except ValueError as error:  # a shape mismatch: config.json describes another model than the weights
+        raise DataError(f"{weights} does not match config.json: {error}") from None
+    for name in packed:
+        modules[name].rotation_folded = torch.tensor(True)  # the weight is stored rotated
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_embeddings", False) else set()
+    given = set(plain) | {f"{name}.weight" for name in packed}
+    missing = sorted(expected - given - tied) + [n for n in empty_names(model) if n not in expected]
     if missing or unexpected:
         raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # an edit that keeps every shape (another n_heads, another encoder) passes the checks above;
     # checkpoints written before the digest have none
+    written = files.metadata.get(DIGEST)
     if written is not None and written != config_digest(config):
         raise DataError(f"{directory}/config.json is not the one its weights were written with (its model, neuron "
                         "or layer record was edited): restore it, or export the model again")

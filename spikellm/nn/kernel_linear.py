@@ -31,10 +31,10 @@ def kernel_reason(layer: SpikingLinear) -> str | None:
     the layer whether its weights are integers with one scale per row."""
     if layer.encoder is None:
         return "no spike encoder (a float input)"
-    integer = getattr(layer, "integer_weight", None)
-    if integer is None:
+    packed = layer.packed
+    if packed is None:
         return "float weights (no integer weight format)"
-    if integer[1].shape[1] != 1:
+    if packed.groups != 1 or packed.group_index is not None:
         return "group-wise weight scales"
     if layer.unroll:
         return "unrolled in time"
@@ -67,9 +67,9 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
         top = scale.max()
         counts = (counts.float() * (top / scale)).to(torch.int8)
         step = step / top
-    _, scales = layer.integer_weight
-    packed, fmt = layer.packed_weight
-    out = spike_linear(counts, packed, step.reshape(-1), scales.reshape(-1), layer.bias, weight_format=fmt)
+    packed = layer.packed
+    out = spike_linear(counts, packed.data, step.reshape(-1), packed.scales.reshape(-1), layer.bias,
+                       weight_format=packed.fmt)
     return out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 
@@ -83,13 +83,7 @@ def use_kernels(model: nn.Module) -> dict[str, bool]:
         routed[name] = reason is None
         reasons[reason] += reason is not None
         if routed[name]:
-            from spikellm.kernels.packing import pack_weights
-
-            integers, scales = layer.integer_weight
-            device = layer.weight.device
-            layer.integer_weight = (integers.to(device=device, dtype=torch.int8), scales.to(device))
-            packed, fmt = getattr(layer, "packed_weight", None) or (pack_weights(integers, "int8"), "int8")
-            layer.packed_weight = (packed.to(device).contiguous(), fmt)
+            layer.packed = layer.packed.to(layer.weight.device)
             layer.kernel_forward = _kernel_forward
     if routed and not all(routed.values()):  # say what stays on the PyTorch path, and why
         why = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common() if reason)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikellm.neurons.base import SpikeEncoder
+from spikellm.nn.packed import PackedWeight, format_for
 from spikellm.ops.hadamard import hadamard_block, hadamard_transform
 from spikellm.quant.weights import WeightQuantizer
 
@@ -26,6 +27,10 @@ class SpikingLinear(nn.Linear):
     output, outliers spread over channels); :meth:`fold_rotation` stores ``W H`` once so inference
     rotates only the activations. With neither an encoder nor a quantizer nor a rotation it is
     exactly ``nn.Linear``.
+
+    ``packed`` (a :class:`~spikellm.nn.packed.PackedWeight`, not a parameter) holds the integers
+    and scales of a quantized weight: set by :meth:`fold_weight_quantizer`, by GPTQ and by the
+    file readers; ``weight`` then holds their product, so the forward never quantizes again.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -42,6 +47,7 @@ class SpikingLinear(nn.Linear):
         self.register_buffer("rotation_folded", torch.tensor(False))
         # set by spikellm.nn.kernel_linear.use_kernels on a loaded checkpoint: the Triton path
         self.kernel_forward = None
+        self.packed: PackedWeight | None = None
 
     def effective_weight(self) -> Tensor:
         weight = self.weight
@@ -55,6 +61,37 @@ class SpikingLinear(nn.Linear):
         if self.rotate and not self.rotation_folded:
             self.weight.copy_(hadamard_transform(self.weight))
             self.rotation_folded.fill_(True)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> PackedWeight | None:
+        """The integers and scales of this layer's weight: its :attr:`packed` weight, or what its
+        weight quantizer makes of ``weight`` (rotated first when the rotation is not folded yet);
+        None for float weights or a grid no packed format holds (over 8 bits, learned clipping)."""
+        if self.packed is not None:
+            return self.packed
+        quantizer = self.weight_quantizer
+        fmt = format_for(getattr(quantizer, "max_int", 1 << 30))
+        if fmt is None or not hasattr(quantizer, "scales_and_integers"):
+            return None
+        weight = self.weight
+        if self.rotate and not self.rotation_folded:
+            weight = hadamard_transform(weight)
+        scale, integers = quantizer.scales_and_integers(weight.detach())
+        return PackedWeight.from_integers(integers.reshape(self.out_features, -1),
+                                          scale.reshape(self.out_features, -1), fmt=fmt)
+
+    @torch.no_grad()
+    def fold_weight_quantizer(self) -> None:
+        """Quantize ``weight`` once and drop the quantizer, for inference: the forward then reads
+        the stored values, bit-identical to what the quantizer gave it every time. Integer grids
+        keep their integers and scales in :attr:`packed` (files, kernels)."""
+        if self.weight_quantizer is None:
+            return
+        self.fold_rotation()
+        packed = self.quantized_weight()
+        value = packed.dequantize() if packed is not None else self.weight_quantizer(self.weight)
+        self.weight.copy_(value)
+        self.packed, self.weight_quantizer = packed, None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel_forward is not None:
