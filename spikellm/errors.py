@@ -40,6 +40,10 @@ class DataError(SpikeLLMError):
     corrupt or untrusted, or an output that does not fit where it goes (no space, read-only)."""
 
 
+class Interrupted(SpikeLLMError):
+    """Ctrl-C: the message says what was kept and how to go on (the entry points exit with 130)."""
+
+
 def first_line(error: BaseException | str, empty: str | None = None) -> str:
     """The first non-blank line of an error's message, stripped: what a one-line report quotes
     of a library's several lines; ``empty`` (the error's type name by default) when it has none."""

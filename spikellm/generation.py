@@ -66,7 +66,7 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, temperature, top
               seed, generator, stop, eos_token_id, streamer, pad_token_id, use_cache, on_phase=None):
     """:func:`generate`; ``on_phase("prefill" | "decode" | "done")`` is called before the prompts'
     forward, before the first cached step and at the end."""
-    _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     runner = _runner(model, use_cache)
     device = next(runner.model.parameters()).device
     ids, mask = _prompts(input_ids, attention_mask, pad_token_id, device)
@@ -135,8 +135,8 @@ def _stop_reason(generated, token, eos, stops, stop, budget, max_new_tokens) -> 
     return None
 
 
-def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
-    """One ConfigError line per bad setting."""
+def check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    """One ConfigError line per bad setting (generate.py checks them before loading anything)."""
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 

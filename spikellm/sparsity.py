@@ -21,10 +21,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 
 from spikellm.checks import check_float
+from spikellm.progress import progress_bar
 from spikellm.errors import ConfigError, DataError
 from spikellm.nn.spiking_linear import SpikingLinear
 
@@ -259,22 +259,27 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable[Batch], loss_fn: Lo
         tokens = sum((b[0] if isinstance(b, (tuple, list)) else b).numel() for b in batches)
         log.info("activation thresholds: %d layers, up to %d candidates each, one pass over %d calibration "
                  "tokens per candidate", len(layers), len(candidates), tokens)
-        for name in track(list(layers), description="activation thresholds", transient=True):
-            gate = installed[name]
-            chosen, chosen_keep = 0.0, 1.0
-            values = samples.get(name)
-            if values is not None and values.numel():
-                quantiles = torch.quantile(values, torch.tensor([1.0 - k for k in candidates]))
-                for k, threshold in zip(candidates, quantiles.tolist()):
-                    if threshold <= 0.0:
-                        continue
-                    gate.set_threshold(threshold)
-                    loss = float(loss_fn(model, batches))
-                    if loss <= tolerance * reference:
-                        chosen, chosen_keep, reference = threshold, k, loss
-                        break
-            gate.set_threshold(chosen)
-            result[name] = {"threshold": chosen, "keep": chosen_keep, "loss": reference}
+        # the bar counts passes (at most one per candidate); a layer that settles early skips the rest
+        with progress_bar(f"activation thresholds, {len(layers)} layers", len(layers) * len(candidates)) as advance:
+            for name in layers:
+                gate = installed[name]
+                chosen, chosen_keep, passes = 0.0, 1.0, 0
+                values = samples.get(name)
+                if values is not None and values.numel():
+                    quantiles = torch.quantile(values, torch.tensor([1.0 - k for k in candidates]))
+                    for k, threshold in zip(candidates, quantiles.tolist()):
+                        if threshold <= 0.0:
+                            continue
+                        gate.set_threshold(threshold)
+                        loss = float(loss_fn(model, batches))
+                        passes += 1
+                        advance(1)
+                        if loss <= tolerance * reference:
+                            chosen, chosen_keep, reference = threshold, k, loss
+                            break
+                advance(len(candidates) - passes)
+                gate.set_threshold(chosen)
+                result[name] = {"threshold": chosen, "keep": chosen_keep, "loss": reference}
         for gate in installed.values():
             gate.reset_stats()
             gate.tracking = True

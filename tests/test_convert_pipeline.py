@@ -144,9 +144,12 @@ def test_every_experiment_converts_llama(hf_dirs, tmp_path, experiment):
         assert result.stages["qat"]["steps"] == 3
         # the spike objective trains beside the distillation loss, and is logged apart from it
         assert result.stages["qat"]["train/spike_loss"] >= 0 and result.stages["qat"]["train/spikes_per_activation"] > 0
-        # QAT trains the float weights: the int4 grid stays in the model and in its record
-        assert record["neuron"]["weight_quantizer"]["bits"] == 4
-        assert all(layer.weight_quantizer is not None for layer in layers.values())
+        # QAT trains the float weights; the int4 grid is folded into packed integers when saved
+        assert record["neuron"]["weight_quantizer"] is None
+        assert {info["weight_format"] for info in record["layers"].values()} == {"int4"}
+        for name, layer in layers.items():
+            assert layer.weight_quantizer is None and layer.packed is not None, name
+            assert _rows_distinct(layer.weight) <= 15, name
 
 
 def _check_sparsified(model, record, result):

@@ -458,7 +458,7 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temporary left beside it
     loaded, saved_record = load_converted(directory)
     assert saved_record == read_record(directory)
-    assert saved_record["format"] == "spikellm-converted" and saved_record["version"] == 1
+    assert saved_record["format"] == "spikellm-converted" and saved_record["version"] == 2
     assert {k: saved_record[k] for k in record} == record
     assert not loaded.training
     for name, layer in spiking_modules(loaded).items():

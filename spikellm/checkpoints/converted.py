@@ -1,37 +1,59 @@
 """A converted model on disk: a Hugging Face directory plus what makes it spiking.
 
-``config.json`` and the tokenizer are the original model's; ``model.safetensors`` holds the
-converted weights (quantized values, folded smoothing) and the encoders' buffers (OBS channel
-scales); ``spikellm.json`` records the neuron config it was spikified with, the activation
-thresholds, and what each conversion stage did. :func:`load_converted` rebuilds the model from
-these alone, offline; eval.py calls it for any directory holding a ``spikellm.json``.
+``config.json`` and the tokenizer are the original model's. The weights (``model.safetensors``,
+or shards with ``model.safetensors.index.json``) hold every quantized projection as packed
+integers and scales (``<layer>.qweight``, ``.qscale``, ``.qgidx``: int4, ternary or int8), every
+other tensor in the dtype the conversion held it (the source's: bf16 for a bf16 download), and
+the encoders' buffers (OBS channel scales). ``spikellm.json`` records the neuron config it was
+spikified with (weight quantizers folded: none), each projection's weight format, the activation
+thresholds, and what each conversion stage did; the weights' metadata binds them to it.
+
+:func:`load_converted` builds the model with empty parameters and reads each tensor into place
+(packed weights dequantized once), offline. Version 1 files (float weights, a weight quantizer in
+the record) still load: their quantizers are folded once at load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from spikellm.errors import DataError
 from spikellm.checkpoints.atomic import atomic_directory
+from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, TensorFiles, write_tensors
+from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
+from spikellm.errors import DataError
 
 FORMAT = "spikellm-converted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
 RECORD = "spikellm.json"
+DIGEST = "record_digest"
 
 
-def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwrite: bool = False) -> Path:
+def record_digest(record: dict) -> str:
+    """SHA-256 of what the record says the weights are (neuron, layers, thresholds)."""
+    bound = {key: record.get(key) for key in ("neuron", "layers", "thresholds")}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwrite: bool = False,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write the spikified HF ``model`` (all of it or nothing) with ``tokenizer`` and ``record``
-    (``neuron``, ``thresholds``, ``stages``, ``source``, ``metrics``) to ``directory``."""
-    from safetensors.torch import save_model
+    (``neuron``, ``thresholds``, ``stages``, ``source``, ``metrics``) to ``directory``: quantized
+    projections packed, weight quantizers folded, sharded over ``max_shard_bytes``."""
+    from spikellm.models.spikify import spiking_modules
 
+    layers, tensors = stored_tensors(model, spiking_modules(model))
+    neuron = dict(record.get("neuron") or {}, weight_quantizer=None) if record.get("neuron") else record.get("neuron")
+    record = {"format": FORMAT, "version": FORMAT_VERSION, **record, "neuron": neuron, "layers": layers}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        write_tensors(tmp, tensors, {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes)
         tokenizer.save(tmp)
-        (tmp / RECORD).write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **record}, indent=2,
-                                             default=str))
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
     return Path(directory)
 
 
@@ -42,41 +64,64 @@ def read_record(directory) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); the converted model is "
                         "incomplete, convert it again") from None
-    if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path} is not a spikellm converted model of format version {FORMAT_VERSION} "
-                        f"(found {record.get('format')!r} v{record.get('version')!r})")
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") not in READS:
+        found = (record.get("format"), record.get("version")) if isinstance(record, dict) else (None, None)
+        raise DataError(f"{path} is not a spikellm converted model of format version "
+                        f"{' or '.join(map(str, READS))} (found {found[0]!r} v{found[1]!r})")
+    if not isinstance(record.get("layers") or {}, dict):
+        raise DataError(f"{path}: its layers record is not an object; convert the model again")
     from spikellm.config.trust import check_trusted
 
     check_trusted({"neuron": record.get("neuron")}, path)  # what a converted model rebuilds is our own code only
     return record
 
 
-def load_converted(directory) -> tuple[nn.Module, dict]:
-    """The spiking model saved by :func:`save_converted` (eval mode, fp32) and its record."""
+@torch.no_grad()
+def load_converted(directory, dtype: torch.dtype | None = torch.float32) -> tuple[nn.Module, dict]:
+    """The spiking model saved by :func:`save_converted` (eval mode) and its record, in ``dtype``
+    (None: as stored)."""
     import transformers
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    from spikellm.models.spikify import spikify_from_config
-    from spikellm.sparsity import install_thresholds
-
     from spikellm.checkpoints.hf import hf_config
+    from spikellm.models.spikify import spikify_from_config, spiking_modules
+    from spikellm.nn.spiking_linear import fold_weight_quantizers
+    from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
+    from spikellm.sparsity import install_thresholds
 
     directory = Path(directory)
     record = read_record(directory)  # validated and its neuron config checked: once
     config = hf_config(directory, key="ckpt")  # readable, of a supported architecture
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    files = TensorFiles(directory, fix="convert the model again")
+    with empty_parameters():
+        model = transformers.AutoModelForCausalLM.from_config(config)
     spikify_from_config(model, record.get("neuron"))
-    weights = directory / "model.safetensors"
+    where = files.directory / "model.safetensors"
+    packed = read_packed(files, record.get("layers") or {}, where)
+    if dtype is None:
+        dtype = next((files.dtype(n) for n in files.names() if files.dtype(n).is_floating_point
+                      and not is_packed_tensor(n, packed)), torch.float32)
+    plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
+    expected = set(model.state_dict())
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (OSError, SafetensorError, RuntimeError) as error:
-        raise DataError(f"{weights} cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                        "it may be truncated: convert the model again") from None
+        with files.progress(f"loading {directory.name}"):
+            unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
+    except ValueError as error:
+        raise DataError(f"{where} does not match the model {RECORD} describes: {error}") from None
+    given = set(plain) | {f"{name}.weight" for name in packed}
+    tied = {name for name in expected - given if name.endswith("lm_head.weight")} if getattr(
+        config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - given - tied) + [n for n in empty_names(model) if n not in expected]
     if missing or unexpected:
-        raise DataError(f"{weights} does not match the model {RECORD} describes "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise DataError(f"{where} does not match the model {RECORD} describes "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    written = files.metadata.get(DIGEST)
+    if written is not None and written != record_digest(record):
+        raise DataError(f"{directory / RECORD} is not the one its weights were written with (its neuron, layers "
+                        "or thresholds were edited): restore it, or convert the model again")
+    layers = spiking_modules(model)
+    for name in packed:
+        layers[name].rotation_folded = torch.tensor(True)
+    fold_weight_quantizers(model)  # a version-1 record keeps its quantizer: applied once, here
     if record.get("thresholds"):
         install_thresholds(model, record["thresholds"], names=list(record["thresholds"]))
     return model.eval(), record

@@ -3,6 +3,7 @@ dense :class:`~spikellm.models.llama.SpikingLlama` as one (so a model trained he
 the same conversion pipelines as a downloaded checkpoint, and runs in plain ``transformers``)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -43,9 +44,49 @@ def hf_config(hf_path, key: str = "model.hf_path"):
     return config
 
 
-def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype = torch.float32, config=None) -> nn.Module:
-    """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
+
+def parse_dtype(value, key: str = "dtype") -> torch.dtype | None:
+    """``auto``/None (None: the caller's default), a torch dtype, or one of :data:`DTYPES` by name."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(key, value, "must be auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def stored_dtype(directory, config=None) -> torch.dtype:
+    """The dtype a Hugging Face directory's weights are stored in: its config's ``dtype`` (or
+    ``torch_dtype``), else that of its first floating-point tensor, else fp32."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    try:
+        parsed = parse_dtype(declared)
+    except ConfigError:
+        parsed = None
+    if parsed is not None:
+        return parsed
+    from spikellm.checkpoints.shards import TensorFiles, has_weights
+
+    if has_weights(directory):
+        files = TensorFiles(directory)
+        for name in files.names():
+            if files.dtype(name).is_floating_point:
+                return files.dtype(name)
+    return torch.float32
+
+
+def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype | str | None = torch.float32,
+                      config=None) -> nn.Module:
+    """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode,
+    in ``dtype`` (``auto``/None: the dtype it is stored in).
+
+    The model is built without memory and each tensor of its safetensors files read into place,
+    shard by shard (a directory with pickled ``.bin`` weights only goes through ``transformers``).
     An architecture :func:`~spikellm.models.spikify.spikify` does not support is refused before
     any weight is read, with the list of supported ones. ``key`` names the setting in errors
     (``hf_path``: built from the ``model`` group, which prefixes ``model.``). ``config``: the
@@ -53,10 +94,62 @@ def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype = torch.
     """
     import transformers
 
-    from safetensors import SafetensorError
+    from spikellm.checkpoints.shards import has_weights
+    from spikellm.nn.storage import empty_parameters
 
     config = config if config is not None else hf_config(hf_path, key)
     directory = Path(str(hf_path)).expanduser()
+    dtype = parse_dtype(dtype, key) or stored_dtype(directory, config)
+    if not has_weights(directory):
+        return _transformers_load(directory, config, dtype)
+    with empty_parameters():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    fill_from_files(model, directory, dtype, prefix=getattr(model, "base_model_prefix", "") or "")
+    return model.eval()
+
+
+def fill_from_files(model: nn.Module, directory: Path, dtype: torch.dtype, prefix: str = "",
+                    rename=None) -> None:
+    """Read the tensors of a model directory into ``model`` (built with empty parameters), one at a
+    time, in ``dtype``. Names are the model's own, or differ by the base model's ``prefix``
+    (``model.``) as some checkpoints store them; ``rename(name)`` maps names first (None: drop).
+    A tensor the model does not have, or a parameter no file has, is a DataError."""
+    from spikellm.checkpoints.shards import TensorFiles
+    from spikellm.nn.storage import assign_parameters, empty_names
+
+    fix = "download the model again"
+    files = TensorFiles(directory, fix=fix)
+    expected = set(model.state_dict())
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+
+    def model_name(name: str) -> str | None:
+        name = rename(name) if rename is not None else name
+        if name is None or name in expected:
+            return name
+        for candidate in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else ():
+            if candidate in expected:
+                return candidate
+        if name.endswith("rotary_emb.inv_freq") or any(p.search(name) for p in ignored):
+            return None  # buffers older checkpoints stored, which the model computes itself
+        return name
+
+    names = [(model_name(name), name) for name in files.names()]
+    try:
+        unexpected = assign_parameters(model, ((ours, files.get(theirs, None)) for ours, theirs in names
+                                               if ours is not None), dtype=dtype)
+    except ValueError as error:
+        raise DataError(f"the weights in {_weight_files(directory)} do not match config.json: {error}") from None
+    missing = empty_names(model)
+    if missing or unexpected:
+        raise DataError(f"the weights in {_weight_files(directory)} do not match config.json (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}); {fix}")
+
+
+def _transformers_load(directory: Path, config, dtype: torch.dtype) -> nn.Module:
+    import transformers
+
+    from safetensors import SafetensorError
+
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True,
                                                                   dtype=dtype)
@@ -65,6 +158,23 @@ def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype = torch.
         raise DataError(f"the weights in {_weight_files(directory)} cannot be loaded ({type(error).__name__}: "
                         f"{detail}); they may be truncated or not match config.json") from None
     return model.eval()
+
+
+def load_hf_llama(directory, config, encoder=None, weight_quantizer=None, dtype: torch.dtype = torch.float32):
+    """A :class:`~spikellm.models.llama.SpikingLlama` holding the weights of the Hugging Face LLaMA
+    in ``directory`` (whose :func:`hf_config` is ``config``), read into place in ``dtype``."""
+    from spikellm.checkpoints.shards import has_weights
+    from spikellm.models.llama import config_from_hf, from_hf_llama
+    from spikellm.nn.storage import empty_parameters
+
+    directory = Path(directory)
+    if not has_weights(directory):
+        hf_model = _transformers_load(directory, config, dtype or stored_dtype(directory, config))
+        return from_hf_llama(hf_model, encoder, weight_quantizer)
+    with empty_parameters():
+        model = config_from_hf(config).build(encoder, weight_quantizer)
+    fill_from_files(model, directory, dtype, rename=lambda name: name.removeprefix("model."))
+    return model
 
 
 def _weight_files(directory: Path) -> str:

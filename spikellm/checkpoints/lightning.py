@@ -45,8 +45,8 @@ def read_training_checkpoint(path: Path, key: str = "ckpt", resumable: bool = Fa
 
     from spikellm.config.trust import check_trusted
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: a model reads its weights from the file, never from a second copy in memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
             OSError, AttributeError, TypeError) as error:  # a file that is not a zip goes to the unpickler
         reason = (str(error).splitlines() or [""])[0].split(". ")[0][:160]
@@ -69,11 +69,12 @@ def datamodule_state(state: dict) -> dict:
     return next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
 
 
-def load_training_checkpoint(path: Path, neuron: dict | None = None):
-    """``(model, tokenizer, record)`` of a train.py checkpoint; ``neuron`` (a neuron group as a dict)
-    replaces the encoders it was trained with."""
+def load_training_checkpoint(path: Path, neuron: dict | None = None, dtype=None):
+    """``(model, tokenizer, record)`` of a train.py checkpoint, in ``dtype`` (None: as stored);
+    ``neuron`` (a neuron group as a dict) replaces the encoders it was trained with."""
     from spikellm.config import build_model
     from spikellm.data.tokenizer import Tokenizer
+    from spikellm.nn.storage import assign_parameters, empty_parameters
 
     state = read_training_checkpoint(path)
     hparams = dict(state["hyper_parameters"])
@@ -81,11 +82,17 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None):
         hparams["neuron"] = neuron
     if not isinstance(hparams.get("model"), dict):
         raise DataError(f"{path}: its hyper_parameters do not describe a train.py model (no model group)")
-    model = build_model(hparams["model"], hparams.get("neuron"))
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    with empty_parameters():
+        model = build_model(hparams["model"], hparams.get("neuron"))
     parameters = dict(model.named_parameters())
-    missing = [k for k in missing if k in parameters]
+    expected = set(model.state_dict())
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    try:
+        unexpected = assign_parameters(model, weights.items(), dtype=dtype)
+    except ValueError as error:
+        raise DataError(f"{path}: weights do not match the model its config describes ({error})") from None
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_embeddings", False) else set()
+    missing = sorted(k for k in expected - set(weights) - tied if k in parameters)
     if missing or unexpected:
         raise DataError(f"{path}: weights do not match the model its config describes "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -4,12 +4,16 @@ model in eval mode with its tokenizer and its record. eval.py, the lm-eval adapt
 users call this and nothing else."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from spikellm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: every on-disk format :func:`load_model` reads, with what it is (for messages and the README)
 FORMATS = {
@@ -57,73 +61,83 @@ def _any_format() -> str:
 
 
 def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu", backend: str = "auto",
-               key: str = "ckpt") -> LoadedModel:
+               key: str = "ckpt", dtype="auto") -> LoadedModel:
     """The model in the file or directory ``path`` (any of :data:`FORMATS`), in eval mode on
     ``device``, with its tokenizer and record.
 
     ``neuron`` (a neuron config group as a dict) replaces a training checkpoint's encoders or
     spikifies a Hugging Face model; spiking and converted models carry their own and refuse it.
     ``backend`` (spiking checkpoints): ``triton`` kernels, the ``torch`` reference, or ``auto``.
+    ``dtype``: ``auto`` (fp32 on a CPU, the stored dtype on a GPU), ``float32``, ``bfloat16`` or
+    ``float16``. Every format is read into a model built with empty parameters, one tensor at a
+    time, so loading holds the model once; weight quantizers are folded (applied once), so the
+    loaded model never quantizes a weight again.
     Every failure is one line: a ConfigError naming ``key``, or a DataError naming the file."""
+    from spikellm.checkpoints.hf import parse_dtype
+    from spikellm.nn.spiking_linear import fold_weight_quantizers
+
     fmt = detect_format(path, key)
     path = Path(path).expanduser()
     if neuron is not None and fmt in ("spiking", "converted"):
         raise ConfigError("neuron", neuron.get("name"), f"{FORMATS[fmt].split(' (')[0]} carries its own encoders; "
                                                         "drop the neuron override")
+    dtype = parse_dtype(dtype, "dtype")
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32  # CPUs compute bf16 slowly or not at all; the stored dtype on a GPU
+    log.info("loading %s (%s) as %s", path, fmt, "stored dtype" if dtype is None else str(dtype).removeprefix("torch."))
     if fmt == "spiking":
-        loaded = _load_spiking(path, device, backend)
+        loaded = _load_spiking(path, device, backend, dtype)
     elif fmt == "lightning":
         from spikellm.checkpoints.lightning import load_training_checkpoint
 
-        model, tokenizer, record = load_training_checkpoint(path, neuron)
+        model, tokenizer, record = load_training_checkpoint(path, neuron, dtype=dtype)
         loaded = LoadedModel(model, tokenizer, str(path), record)
     elif fmt == "converted":
-        loaded = _load_converted(path)
+        loaded = _load_converted(path, dtype)
     else:
-        loaded = _load_hf(path, neuron, key)
+        loaded = _load_hf(path, neuron, key, dtype)
     loaded.format = fmt
+    fold_weight_quantizers(loaded.model)
     loaded.model.to(device).eval()
     return loaded
 
 
-def _load_spiking(path: Path, device: str, backend: str) -> LoadedModel:
+def _load_spiking(path: Path, device: str, backend: str, dtype) -> LoadedModel:
     from spikellm.checkpoints.spiking import load_spiking_checkpoint
 
-    model, tokenizer, config = load_spiking_checkpoint(path, backend=backend, device=device)
+    model, tokenizer, config = load_spiking_checkpoint(path, backend=backend, device=device, dtype=dtype)
     routed = sum(layer.kernel_forward is not None for layer in model.spiking_linears().values())
     return LoadedModel(model, tokenizer, str(path), {"model": config["model"], "neuron": config["neuron"],
                                                      "backend": "triton" if routed else "torch",
                                                      "kernel_layers": routed})
 
 
-def _load_converted(path: Path) -> LoadedModel:
+def _load_converted(path: Path, dtype) -> LoadedModel:
     from spikellm.checkpoints.converted import load_converted
     from spikellm.data.tokenizer import build_tokenizer
     from spikellm.models.hf import LogitsModel
 
-    model, record = load_converted(path)
+    model, record = load_converted(path, dtype)
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
     return LoadedModel(LogitsModel(model), tokenizer, str(path),
                        {"hf_model_type": model.config.model_type, "neuron": record.get("neuron"),
                         "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
 
 
-def _load_hf(path: Path, neuron: dict | None, key: str) -> LoadedModel:
+def _load_hf(path: Path, neuron: dict | None, key: str, dtype) -> LoadedModel:
     """A HF LLaMA (native, so spiking attention works), or another supported architecture
     spikified in place."""
-    from spikellm.checkpoints.hf import hf_config, load_hf_causal_lm
+    from spikellm.checkpoints.hf import hf_config, load_hf_causal_lm, load_hf_llama
     from spikellm.config import build_attention_encoder, build_neuron
     from spikellm.data.tokenizer import build_tokenizer
     from spikellm.models.hf import LogitsModel
-    from spikellm.models.llama import from_hf_llama
     from spikellm.models.spikify import spikify_from_config
 
     config = hf_config(path, key=key)  # config.json readable and of a supported architecture
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
-    hf_model = load_hf_causal_lm(path, key=key, config=config)
     if config.model_type == "llama":
         encoder, weight_quantizer = build_neuron(neuron)
-        model = from_hf_llama(hf_model, encoder, weight_quantizer)
+        model = load_hf_llama(path, config, encoder, weight_quantizer, dtype)
         attention = build_attention_encoder(neuron)
         if attention is not None:
             for layer in model.layers:
@@ -132,7 +146,7 @@ def _load_hf(path: Path, neuron: dict | None, key: str) -> LoadedModel:
         if build_attention_encoder(neuron) is not None:
             raise ConfigError("neuron.attention", "set", f"spiking attention products run on LLaMA only, "
                                                          f"not {config.model_type}")
-        model = LogitsModel(spikify_from_config(hf_model, neuron))
+        model = LogitsModel(spikify_from_config(load_hf_causal_lm(path, key=key, config=config, dtype=dtype), neuron))
     return LoadedModel(model, tokenizer, str(path), {"hf_model_type": config.model_type, "neuron": neuron})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -95,6 +96,7 @@ class TensorFiles:
     def __init__(self, directory, fix: str = "download or write it again"):
         self.directory = Path(directory)
         self.fix = fix
+        self._advance = None  # set by progress(): called with the bytes of each tensor read
         self._entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         self.metadata: dict[str, str] = {}
         index = self.directory / INDEX
@@ -147,7 +149,7 @@ class TensorFiles:
                 self._entries[name] = (path, info["dtype"], shape, start + begin, end - begin)
         except (OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError, struct.error) as error:
             raise DataError(f"{path} is not a readable safetensors file ({type(error).__name__}: "
-                            f"{str(error)[:200]}); it is truncated or corrupt: {self.fix}") from None
+                            f"{str(error)[:200]}): it is truncated or corrupt; {self.fix}") from None
         return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
     def __contains__(self, name: str) -> bool:
@@ -158,6 +160,9 @@ class TensorFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._entries[name][1]]
 
     @property
     def nbytes(self) -> int:
@@ -178,8 +183,22 @@ class TensorFiles:
             raise DataError(f"{path} cannot be read ({error}); {self.fix}") from None
         if got != nbytes:
             raise DataError(f"{path} ends inside the tensor {name}: it is truncated; {self.fix}")
+        if self._advance is not None:
+            self._advance(nbytes)
         tensor = raw.view(_DTYPES[code]).reshape(shape)
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    @contextmanager
+    def progress(self, description: str):
+        """A progress bar (bytes, rate, time left) over reading every tensor, for large files."""
+        from spikellm.data.tokens import progress
+
+        with progress(description, self.nbytes) as advance:
+            self._advance = advance
+            try:
+                yield
+            finally:
+                self._advance = None
 
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         for name in self._entries:

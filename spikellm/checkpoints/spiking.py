@@ -138,7 +138,7 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         raise ConfigError("backend", backend, "must be one of: " + ", ".join(BACKENDS))
     directory = Path(directory)
     config = read_config(directory)
-    files = TensorFiles(directory, fix="the checkpoint is truncated or corrupt: export it again")
+    files = TensorFiles(directory, fix="export the checkpoint again")
     neuron = config.get("neuron")
     encoder, _ = build_neuron(neuron)
     # the per-layer record is what the weights were written under; the neuron block may have been edited

@@ -380,11 +380,18 @@ def conf_dir() -> Path:
 @contextlib.contextmanager
 def one_line_errors():
     """A :class:`~spikellm.errors.SpikeLLMError` (a bad setting, an unreadable file) ends the
-    command with its one line on stderr and exit status 2, not a traceback."""
-    from spikellm.errors import SpikeLLMError
+    command with its one line on stderr and exit status 2, not a traceback; Ctrl-C with one line
+    (what was saved, for a conversion) and status 130."""
+    from spikellm.errors import Interrupted, SpikeLLMError
 
     try:
         yield
+    except Interrupted as error:  # Ctrl-C: what was kept, and how to go on
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except SpikeLLMError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -56,7 +56,7 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     ``cfg.prompts`` (JSONL to ``cfg.output``), counting operations on ``cfg.energy``."""
     from spikellm.checkpoints import load_model
     from spikellm.checkpoints.atomic import atomic_write_text, check_writable
-    from spikellm.generation import generation_energy
+    from spikellm.generation import check_options, generation_energy
 
     if (cfg.prompt is None) == (cfg.prompts is None):
         raise ConfigError("prompt", cfg.prompt, "give one of prompt=\"...\" (streamed) or prompts=<file.txt|jsonl>")
@@ -71,12 +71,14 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     cost = build(cfg.energy, "energy")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
-    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
+    sampling = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
+    check_options(**sampling)  # every setting before a billion weights are read, not after
+    sampling.update({key: float(sampling[key]) for key in ("temperature", "top_p", "repetition_penalty")})
+    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
+                        dtype=cfg.get("dtype", "auto"))
     tokenizer = loaded.tokenizer
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    options = dict(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=int(cfg.top_k),
-                   top_p=float(cfg.top_p), repetition_penalty=float(cfg.repetition_penalty),
-                   eos_token_id=tokenizer.eos_id,
+    options = dict(**sampling, eos_token_id=tokenizer.eos_id,
                    stop=(lambda ids: any(stop in tokenizer.decode(ids) for stop in stops)) if stops else None)
     streamed = _Stream(tokenizer, out, prompts[0]) if cfg.prompt is not None else None
     records, generated, seconds, reports = [], 0, 0.0, []

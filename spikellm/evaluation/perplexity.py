@@ -10,6 +10,7 @@ after the first is predicted once, with up to ``seqlen - stride`` tokens of extr
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError, DataError
+from spikellm.progress import per_block, progress_bar
 
 
 @dataclass
@@ -62,27 +64,47 @@ def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, stride: int | None
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = range(0, len(windows), batch_size)
-    if progress:
-        from rich.progress import track
+    with ExitStack() as stack:
+        # the bar moves per decoder block: one batch of a billion-parameter model takes minutes
+        blocks = _blocks_or_none(model)
+        steps = len(blocks) if blocks else 1
+        advance = stack.enter_context(progress_bar(f"perplexity, {len(windows)} windows of {seqlen}",
+                                                   len(batches) * steps, enabled=progress))
+        if blocks:
+            stack.enter_context(per_block(blocks, advance))
+        for first in batches:
+            nll, count = _batch_nll(model, tokens, windows[first:first + batch_size], device)
+            total_nll += nll
+            total_tokens += count
+            if not blocks:
+                advance(1)
+    return Perplexity(total_nll / total_tokens, math.exp(total_nll / total_tokens), total_tokens, len(windows),
+                      seqlen, stride or seqlen)
 
-        batches = track(batches, description="perplexity", transient=True)
-    for first in batches:
-        group = windows[first:first + batch_size]
-        length = max(end - start for start, end, _ in group)
-        # short last windows (sliding mode) are right-padded; padding is never scored
-        ids = torch.zeros(len(group), length, dtype=torch.long)
-        scored = torch.zeros(len(group), length, dtype=torch.bool)
-        for row, (start, end, from_position) in enumerate(group):
-            ids[row, : end - start] = tokens[start:end]
-            scored[row, from_position: end - start] = True
-        ids, scored = ids.to(device), scored.to(device)
-        logits = model(ids).float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        mask = scored[:, 1:].flatten()
-        total_nll += nll[mask].sum(dtype=torch.float64).item()
-        total_tokens += int(mask.sum())
-    mean = total_nll / total_tokens
-    return Perplexity(mean, math.exp(mean), total_tokens, len(windows), seqlen, stride or seqlen)
+
+def _blocks_or_none(model: nn.Module):
+    from spikellm.models.spikify import decoder_blocks
+
+    try:
+        return decoder_blocks(model)
+    except ConfigError:
+        return None
+
+
+def _batch_nll(model: nn.Module, tokens: Tensor, group: list, device) -> tuple[float, int]:
+    """Summed NLL and scored tokens of one batch of windows."""
+    length = max(end - start for start, end, _ in group)
+    # short last windows (sliding mode) are right-padded; padding is never scored
+    ids = torch.zeros(len(group), length, dtype=torch.long)
+    scored = torch.zeros(len(group), length, dtype=torch.bool)
+    for row, (start, end, from_position) in enumerate(group):
+        ids[row, : end - start] = tokens[start:end]
+        scored[row, from_position: end - start] = True
+    ids, scored = ids.to(device), scored.to(device)
+    logits = model(ids).float()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    mask = scored[:, 1:].flatten()
+    return nll[mask].sum(dtype=torch.float64).item(), int(mask.sum())
 
 
 def evaluation_text(dataset: str, seed: int = 0, val_fraction: float = 0.05) -> str:

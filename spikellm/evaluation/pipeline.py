@@ -32,7 +32,8 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     for key in ("export", "export_hf"):  # their directories must not exist yet: their parents must be writable
         if cfg.get(key):
             check_writable(Path(cfg[key]).expanduser().parent, key=key)
-    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"))
+    loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
+                        dtype=cfg.get("dtype", "auto"))
     model = loaded.model
     if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)
         from spikellm.errors import ConfigError

@@ -378,13 +378,16 @@ def config_from_hf(hf_config) -> LlamaConfig:
 
 def from_hf_llama(hf_model, encoder: EncoderFactory | None = None,
                   weight_quantizer: WeightQuantizerFactory | None = None) -> SpikingLlama:
-    """A :class:`SpikingLlama` holding the weights of a ``transformers.LlamaForCausalLM``."""
-    model = config_from_hf(hf_model.config).build(encoder, weight_quantizer)
-    state = {key.removeprefix("model."): value for key, value in hf_model.state_dict().items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # only parameters must come from HF: buffers (encoder state, rotation flags) are ours
-    parameters = dict(model.named_parameters())
-    missing = [k for k in missing if k in parameters]
+    """A :class:`SpikingLlama` holding the weights of a ``transformers.LlamaForCausalLM``: the very
+    tensors (built with empty parameters, then given them: no copy, no initialisation)."""
+    from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
+
+    with empty_parameters():
+        model = config_from_hf(hf_model.config).build(encoder, weight_quantizer)
+    parameters = dict(hf_model.named_parameters())
+    state = {key.removeprefix("model."): value for key, value in hf_model.state_dict().items() if key in parameters}
+    unexpected = assign_parameters(model, state.items())
+    missing = empty_names(model)
     if missing or unexpected:
         raise ConfigError("state_dict", f"missing={missing[:4]} unexpected={unexpected[:4]}",
                           "the Hugging Face model does not match a LLaMA of its own config")

@@ -80,6 +80,20 @@ def _blocks(model: nn.Module, layout: BlockLayout) -> tuple[str, nn.Module]:
                       f"has none of the block lists {', '.join(layout.blocks)} of its model_type")
 
 
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a HF causal LM (by its model_type), or of one of our
+    models (a SpikingLlama, a MatMulFreeLM: their ``layers``); a LogitsModel's wrapped model's."""
+    model = getattr(model, "hf_model", model)
+    if hasattr(model, "spiking_linears") and isinstance(getattr(model, "layers", None), nn.ModuleList):
+        return model.layers
+    for path in layout_of(model).blocks:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ConfigError("model", type(model).__name__, "has no decoder block list")
+
+
 def declare_attention_work(model: nn.Module) -> nn.Module:
     """Declare each block attention's products to the operation counter (:mod:`spikellm.nn.work`):
     a Hugging Face attention module does not say what it multiplies, so its heads and head width
@@ -124,10 +138,12 @@ def _spiking_from(linear: nn.Linear, encoder: EncoderFactory | None,
         layer = SpikingLinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
     layer.weight = weight
     layer.bias = linear.bias
-    layer.rotation_folded = torch.tensor(False, device=weight.device)
+    # a model built with empty parameters (a file is read into it next) keeps real buffers
+    device = torch.device("cpu") if weight.is_meta else weight.device
+    layer.rotation_folded = torch.tensor(False, device=device)
     layer.unroll, layer.rotate = unroll, rotate
-    layer.encoder = None if encoder is None else encoder().to(device=weight.device)
-    layer.weight_quantizer = None if weight_quantizer is None else weight_quantizer().to(device=weight.device)
+    layer.encoder = None if encoder is None else encoder().to(device=device)
+    layer.weight_quantizer = None if weight_quantizer is None else weight_quantizer().to(device=device)
     layer.train(linear.training)
     return layer
 

@@ -167,6 +167,15 @@ class SpikingLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def fold_weight_quantizers(model: nn.Module) -> int:
+    """:meth:`SpikingLinear.fold_weight_quantizer` on every projection of ``model`` (for inference:
+    a loaded model never quantizes a weight again); returns how many were folded."""
+    layers = [m for m in model.modules() if isinstance(m, SpikingLinear) and m.weight_quantizer is not None]
+    for layer in layers:
+        layer.fold_weight_quantizer()
+    return len(layers)
+
+
 def projection_factory(encoder: EncoderFactory | None, weight_quantizer: WeightQuantizerFactory | None,
                        unroll: bool = False, rotate: bool = False) -> Callable[[int, int], SpikingLinear]:
     """``linear(in_features, out_features)``: a :class:`SpikingLinear` with its own encoder and weight

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -165,12 +165,10 @@ def weight_units(model: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Modul
 
 
 @contextmanager
-def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype = torch.float32,
-               on_block: Callable[[int], None] | None = None) -> Iterator[None]:
+def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype = torch.float32) -> Iterator[None]:
     """Every forward of ``model`` inside the ``with`` runs each unit (:func:`weight_units`) in
     ``dtype`` while it runs, one at a time (its floating-point inputs cast too); the store is
-    untouched in between. Free for units already in ``dtype``. ``on_block(i)`` is called after
-    decoder block ``i`` ran (a progress bar that moves inside a forward)."""
+    untouched in between. Free for units already in ``dtype``."""
     blocks = list(blocks)
     order = {id(block): index for index, block in enumerate(blocks)}
     active: dict[int, list] = {}
@@ -185,8 +183,6 @@ def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype
         contexts = active.get(id(module))
         if contexts:
             contexts.pop().__exit__(None, None, None)
-        if on_block is not None and id(module) in order:
-            on_block(order[id(module)])
 
     handles = []
     for unit in weight_units(model, blocks):

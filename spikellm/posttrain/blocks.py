@@ -17,22 +17,20 @@ from torch import Tensor, nn
 
 from spikellm.errors import ConfigError, DataError
 from spikellm.models.hf import causal_lm_logits
-from spikellm.models.spikify import layout_of
+from spikellm.models.spikify import decoder_blocks
 from spikellm.nn.spiking_linear import SpikingLinear
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks of a HF causal LM (by its model_type) or a SpikingLlama."""
-    from spikellm.models.llama import SpikingLlama
+@dataclass
+class BlockResume:
+    """Where a block-by-block stage starts (``start``, with the calibration ``hidden`` states
+    entering that block and each finished block's ``info``), and ``done(index, block, hidden,
+    info)``, called after each block (the conversion writes the block there)."""
 
-    if isinstance(model, SpikingLlama):
-        return model.layers
-    for path in layout_of(model).blocks:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ConfigError("model", type(model).__name__, "has no decoder block list")
+    start: int = 0
+    hidden: list[Tensor] | None = None
+    infos: dict[int, dict] = field(default_factory=dict)
+    done: Callable[[int, nn.Module, list[Tensor], dict], None] | None = None
 
 
 class _Stop(Exception):
@@ -83,14 +81,18 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: Tensor 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def observe_inputs(block: nn.Module, inputs: BlockInputs, observers: dict[str, Callable[[Tensor], None]]) -> None:
+def observe_inputs(block: nn.Module, inputs: BlockInputs, observers: dict[str, Callable[[Tensor], None]],
+                   after_batch: Callable[[int], None] | None = None) -> None:
     """Run ``block`` over every calibration batch while ``observers[name](x)`` sees the input ``x`` of
-    each named submodule (forward pre-hooks, removed afterwards even if a batch fails)."""
+    each named submodule (forward pre-hooks, removed afterwards even if a batch fails);
+    ``after_batch(i)`` after batch ``i``."""
     handles = [block.get_submodule(name).register_forward_pre_hook(lambda module, args, see=see: see(args[0]))
                for name, see in observers.items()]
     try:
         for i in range(len(inputs.hidden)):
             run_block(block, inputs, i)
+            if after_batch is not None:
+                after_batch(i)
     finally:
         for handle in handles:
             handle.remove()

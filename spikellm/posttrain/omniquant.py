@@ -26,17 +26,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
-from spikellm.nn.spiking_linear import SpikingLinear
+from spikellm.nn.spiking_linear import SpikingLinear, fold_weight_quantizers
+from spikellm.nn.storage import compute_in, materialized
 from spikellm.ops.rounding import round_half_up
-from spikellm.posttrain.blocks import (BlockInputs, capture_block_inputs, decoder_blocks, floating_point,
+from spikellm.posttrain.blocks import (BlockInputs, BlockResume, capture_block_inputs, decoder_blocks, floating_point,
                                       observe_inputs, run_block)
 from spikellm.quant.weights import RoundToNearest, WeightQuantizer
+from spikellm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,16 @@ class LearnableClipping(WeightQuantizer):
     def like(cls, quantizer: RoundToNearest, weight: Tensor) -> "LearnableClipping":
         """Learnable clipping on the grid of ``quantizer`` (same bits and groups) for ``weight``."""
         return cls(weight.shape[0], weight.shape[1], quantizer.bits, quantizer.group_size).to(weight.device)
+
+    @torch.no_grad()
+    def scales_and_integers(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group scales ``[out, groups, 1]`` and integers ``[out, groups, group]``, exactly
+        rounded: what folding the clipping stores (RoundToNearest's layout)."""
+        out_features, in_features = weight.shape
+        grouped = weight.detach().float().reshape(out_features, in_features // self.group_size, self.group_size)
+        bound = grouped.abs().amax(dim=-1, keepdim=True) * torch.sigmoid(self.clip_logit.float())
+        scale = (bound / self.max_int).clamp_min(1e-8)
+        return scale, round_half_up(grouped / scale).clamp(-self.max_int, self.max_int)
 
     def forward(self, weight: Tensor) -> Tensor:
         out_features, in_features = weight.shape
@@ -197,8 +208,9 @@ class BlockResult:
 
 def calibrate_block(block: nn.Module, inputs: BlockInputs, epochs: int = 20, lwc_lr: float = 1e-2,
                     let_lr: float = 5e-3, lwc: bool = True, let: bool = True, alpha: float = 0.5,
-                    index: int = 0, seed: int = 0) -> BlockResult:
-    """Calibrate one block in place (see the module docstring); returns its output MSE before and after."""
+                    index: int = 0, seed: int = 0, advance=None) -> BlockResult:
+    """Calibrate one block in place (see the module docstring); returns its output MSE before and
+    after. ``advance(1)`` after the targets' pass per batch and after each optimizer step."""
     linears = {name: m for name, m in block.named_modules() if isinstance(m, SpikingLinear)}
     if let and any(m.rotate for m in linears.values()):
         raise ConfigError("convert.stages.block.let", True, "smoothing does not combine with rotate=true "
@@ -209,8 +221,12 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, epochs: int = 20, lwc
             if isinstance(layer.weight_quantizer, RoundToNearest):
                 clips[name] = LearnableClipping.like(layer.weight_quantizer, layer.weight)
     scales = SmoothingScales(block, _input_absmax(block, inputs, [p for p in _consumers(block)]), alpha) if let else None
+    advance = advance or (lambda amount=1.0: None)
     with torch.no_grad(), floating_point(block):
-        targets = [run_block(block, inputs, i) for i in range(len(inputs.hidden))]
+        targets = []
+        for i in range(len(inputs.hidden)):
+            targets.append(run_block(block, inputs, i))
+            advance(1)
 
     saved_quantizers = {name: linears[name].weight_quantizer for name in clips}
     requires = {p: p.requires_grad for p in block.parameters()}
@@ -249,6 +265,7 @@ def calibrate_block(block: nn.Module, inputs: BlockInputs, epochs: int = 20, lwc
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    advance(1)
                 current = mse()
                 if current < best:  # keep the best epoch (the start included): a step may overshoot
                     best, best_state = current, [p.detach().clone() for p in learned]
@@ -277,15 +294,14 @@ def _fold(block: nn.Module, linears: dict[str, SpikingLinear], clips: dict[str, 
     if scales is not None:
         for name, value in scales.transformed(base).items():
             base[name].copy_(value)
-    for name, clip in clips.items():
-        layer = linears[name]
-        layer.weight.copy_(clip(layer.weight))
-        layer.weight_quantizer = None  # the weight now holds the int-b values themselves
+    for name, clip in clips.items():  # the weight now holds the int-b values themselves, packed
+        linears[name].weight_quantizer = clip
+        linears[name].fold_weight_quantizer()
 
 
 def block_calibration(model: nn.Module, samples: Tensor, epochs: int = 20, lwc_lr: float = 1e-2,
                       let_lr: float = 5e-3, lwc: bool = True, let: bool = True, alpha: float = 0.5,
-                      batch_size: int = 1, seed: int = 0) -> list[BlockResult]:
+                      batch_size: int = 1, seed: int = 0, resume: BlockResume | None = None) -> list[BlockResult]:
     """Calibrate every decoder block of ``model`` in order on ``samples [N, T]`` (token ids).
 
     Weights quantized by a :class:`~spikellm.quant.RoundToNearest` get learnable clipping; LET
@@ -303,16 +319,36 @@ def block_calibration(model: nn.Module, samples: Tensor, epochs: int = 20, lwc_l
                                                             "set let=false")
     was_training = model.training
     model.eval()
-    results = []
+    resume = resume or BlockResume()
+    results = [BlockResult(i, info["initial_mse"], info["final_mse"]) for i, info in sorted(resume.infos.items())]
+    blocks = decoder_blocks(model)
     try:
-        inputs = capture_block_inputs(model, samples, batch_size)
-        for index, block in enumerate(track(decoder_blocks(model), description="block calibration (LWC/LET)", transient=True)):
-            with torch.enable_grad():
-                result = calibrate_block(block, inputs, epochs, lwc_lr, let_lr, lwc, let, alpha, index, seed)
-            log.info("block %d: output MSE %.3g -> %.3g", index, result.initial_mse, result.final_mse)
-            results.append(result)
-            with torch.no_grad():
-                inputs.hidden = [run_block(block, inputs, i) for i in range(len(inputs.hidden))]
+        with torch.no_grad(), compute_in(model, blocks):
+            inputs = capture_block_inputs(model, samples, batch_size)
+        if resume.hidden is not None:
+            inputs.hidden = resume.hidden
+        # a step per epoch and calibration batch, plus the targets' and the outputs' passes
+        per_block = (epochs + 2) * len(inputs.hidden)
+        with progress_bar(f"block calibration (LWC/LET), {len(blocks)} blocks", len(blocks) * per_block) as advance:
+            advance(resume.start * per_block)
+            for index in range(resume.start, len(blocks)):
+                block = blocks[index]
+                with materialized(block):  # fp32 while it learns; the rest of the model as stored
+                    with torch.enable_grad():
+                        result = calibrate_block(block, inputs, epochs, lwc_lr, let_lr, lwc, let, alpha, index, seed,
+                                                 advance)
+                    fold_weight_quantizers(block)  # every grid of the block: packed integers from here on
+                    with torch.no_grad():
+                        hidden = [run_block(block, inputs, i) for i in range(len(inputs.hidden))]
+                advance(len(hidden))
+                inputs.hidden = hidden
+                log.info("block %d/%d: output MSE %.3g -> %.3g", index + 1, len(blocks), result.initial_mse,
+                         result.final_mse)
+                results.append(result)
+                info = {"initial_mse": result.initial_mse, "final_mse": result.final_mse}
+                resume.infos[index] = info
+                if resume.done is not None:
+                    resume.done(index, block, hidden, info)
     finally:
         model.train(was_training)
     if not all(math.isfinite(r.final_mse) for r in results):

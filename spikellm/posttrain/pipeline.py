@@ -26,10 +26,13 @@ from torch import nn
 
 from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
-from spikellm.errors import ConfigError
+from spikellm.errors import ConfigError, Interrupted
 from spikellm.checkpoints.hf import check_hf_dir, hf_config
 from spikellm.models.hf import causal_lm_logits, max_positions
+from spikellm.models.spikify import decoder_blocks
+from spikellm.nn.storage import compute_in
 from spikellm.posttrain.stages import ConversionContext
+from spikellm.progress import per_block, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +53,29 @@ class ConversionResult:
 
 
 @torch.no_grad()
-def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None, cost=None):
+def validation_ppl(model: nn.Module, datamodule, max_batches: int | None = None, cost=None,
+                   description: str = "validation perplexity"):
     """Token-weighted perplexity over the data group's validation blocks (what train.py reports);
-    with a ``cost`` model, ``(perplexity, EnergyReport of those tokens)``."""
+    with a ``cost`` model, ``(perplexity, EnergyReport of those tokens)``. A model stored in bf16
+    computes each block in fp32 (:func:`~spikellm.nn.storage.compute_in`); the bar moves per block."""
     from spikellm.energy import OperationCounter
 
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
+    loader = datamodule.val_dataloader()
+    batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    blocks = decoder_blocks(model)
     counter = OperationCounter(model) if cost is not None else None
     try:
-        for index, (inputs, targets) in enumerate(datamodule.val_dataloader()):
-            if max_batches is not None and index >= max_batches:
-                break
-            logits = causal_lm_logits(model, inputs.to(device))
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum"))
-            tokens += targets.numel()
+        with compute_in(model, blocks), progress_bar(description, batches * len(blocks)) as advance, \
+                per_block(blocks, advance):
+            for index, (inputs, targets) in enumerate(loader):
+                if index >= batches:
+                    break
+                logits = causal_lm_logits(model, inputs.to(device))
+                total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),
+                                               reduction="sum"))
+                tokens += targets.numel()
     finally:
         if counter is not None:
             counter.remove()
@@ -104,66 +115,107 @@ def check_conversion_config(cfg: DictConfig) -> dict:
 
 
 def run_conversion(cfg: DictConfig) -> ConversionResult:
-    """Convert ``cfg.model.hf_path`` with ``cfg.neuron`` and ``cfg.convert``; see the module docstring."""
+    """Convert ``cfg.model.hf_path`` with ``cfg.neuron`` and ``cfg.convert``; see the module docstring.
+
+    The model stays in the dtype it is stored in (``model.dtype=auto``; fp32 when a stage trains
+    all of it) and each block computes in fp32 when it runs. What a resume needs is kept in
+    ``<output_dir>/conversion_state`` as it is made; Ctrl-C ends with one line saying so, and the
+    same command with the same ``hydra.run.dir`` goes on from there."""
     import lightning.pytorch as pl
 
-    from spikellm.data.calibration import calibration_samples
-    from spikellm.models.spikify import spikify_from_config
-    from spikellm.checkpoints.converted import save_converted
+    from spikellm.checkpoints.atomic import check_writable
+    from spikellm.posttrain.state import ConversionState, config_digest
 
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = check_conversion_config(cfg)
-    from spikellm.checkpoints.atomic import check_writable
-
     check_writable(cfg.paths.output_dir)
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / "spiking_model").exists():
+        raise ConfigError("paths.output_dir", str(output_dir), "already holds a spiking_model; choose another "
+                                                               "output directory (nothing is overwritten)")
+    state = ConversionState(output_dir, config_digest(cfg), resume=bool(cfg.convert.get("resume", True)))
+    if state.resuming:
+        log.info("resuming the interrupted conversion kept in %s (%s)", state.directory, state.describe())
+    try:
+        return _convert(cfg, stages, state, output_dir, start)
+    except KeyboardInterrupt:
+        raise Interrupted(state.interrupted(output_dir)) from None
+
+
+def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: float) -> ConversionResult:
+    from spikellm.checkpoints.converted import save_converted
+    from spikellm.data.calibration import calibration_samples
+    from spikellm.models.spikify import spikify_from_config
+
     native = is_native(cfg)
     source = str(cfg.model.checkpoint) if native else str(check_hf_dir(cfg.model.hf_path))
     cost = build(cfg.energy, "energy")
-    output_dir = Path(cfg.paths.output_dir)
     model_dir = output_dir / "spiking_model"
-    if model_dir.exists():
-        raise ConfigError("paths.output_dir", str(output_dir), "already holds a spiking_model; choose another "
-                                                               "output directory (nothing is overwritten)")
     # the model's own tokenizer, always: token ids must mean what its embedding learned
     datamodule = build(cfg.data, "data", tokenizer_path=source)
     datamodule.setup("fit")
-    model = build(cfg.model, "model")
+    trains = any(getattr(stage, "needs_teacher", False) for stage in stages.values())
+    # a stage that trains the whole model needs it in fp32; the others hold it as stored (bf16)
+    model = build(cfg.model, "model", **({"dtype": "float32"} if trains and not native else {}))
     positions = max_positions(model.config)
     for key, length in (("convert.calibration.seq_len", cfg.convert.calibration.seq_len),
                         ("data.block_size", cfg.data.block_size)):
         if positions is not None and length > positions:
             raise ConfigError(key, length, f"exceeds the model's {positions} positions; lower it")
     eval_batches = cfg.convert.get("eval_batches")
-    teacher = copy.deepcopy(model) if any(getattr(s, "needs_teacher", False) for s in stages.values()) else None
+    teacher = copy.deepcopy(model) if trains else None
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.neuron is not None else None
+
+    def measured(key: str, description: str, with_energy: bool):
+        """A validation perplexity (and energy), measured once: a resumed run reads it back."""
+        from spikellm.energy import EnergyReport
+
+        saved = state.measured(key)
+        if saved is not None:
+            return (saved["ppl"], EnergyReport.from_dict(saved["energy"])) if with_energy else saved["ppl"]
+        result = validation_ppl(model, datamodule, eval_batches, cost if with_energy else None, description)
+        ppl, report = result if with_energy else (result, None)
+        state.measure(key, {"ppl": ppl, "energy": report.to_dict() if report is not None else None})
+        return result
+
     if native:  # already spiking: the starting point is the model as trained
-        spiking_ppl, energy_before = validation_ppl(model, datamodule, eval_batches, cost)
+        spiking_ppl, energy_before = measured("spiking", "perplexity, as trained", True)
         fp_ppl = spiking_ppl
     else:
-        fp_ppl = validation_ppl(model, datamodule, eval_batches)
+        fp_ppl = measured("floating_point", "perplexity, floating point", False)
         log.info("floating point: validation ppl %.3f", fp_ppl)
         spikify_from_config(model, neuron)
-        spiking_ppl, energy_before = validation_ppl(model, datamodule, eval_batches, cost)
+        spiking_ppl, energy_before = measured("spiking", "perplexity, spikified", True)
         log.info("spikified (%s): validation ppl %.3f", (neuron or {}).get("name"), spiking_ppl)
     calibration = calibration_samples(datamodule.train_tokens, **OmegaConf.to_container(cfg.convert.calibration,
                                                                                          resolve=True))
-    ctx = ConversionContext(model, calibration, datamodule, teacher, cfg, output_dir)
+    ctx = ConversionContext(model, calibration, datamodule, teacher, cfg, output_dir, state=state)
+    state.restore(ctx, list(stages))
     summaries = {}
     for index, (name, stage) in enumerate(stages.items(), 1):
+        done = state.stage_summary(name)
+        if done is not None:
+            summaries[name] = done
+            log.info("stage %d/%d: %s finished before the interruption", index, len(stages), name)
+            continue
         # a stage can run for minutes (each threshold candidate is a pass over the calibration set):
         # say which one runs, and how long each took
         log.info("stage %d/%d: %s (%s) on %d calibration sequences", index, len(stages), name, type(stage).__name__,
                  len(calibration))
         began = time.perf_counter()
+        ctx.stage = name
         summaries[name] = {**stage(ctx), "seconds": round(time.perf_counter() - began, 2)}
+        # a whole-model snapshot when another stage follows; the last one's blocks are its record
+        state.finish_stage(name, summaries[name], ctx, snapshot=index < len(stages))
         log.info("stage %s done in %.1f s", name, summaries[name]["seconds"])
-    final_ppl, energy_after = validation_ppl(model, datamodule, eval_batches, cost)
+    final_ppl, energy_after = measured("converted", "perplexity, converted", True)
     log.info("converted: validation ppl %.3f", final_ppl)
     metrics = {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl,
                "energy_per_token_before_J": energy_before.per_token(energy_before.joules),
                "energy_per_token_after_J": energy_after.per_token(energy_after.joules), "cost_model": cost.name}
     _write_energy(output_dir, energy_before, energy_after)
+    log.info("writing %s", model_dir)
     if native:
         from spikellm.checkpoints.spiking import read_config, save_spiking_checkpoint
 
@@ -173,19 +225,19 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
         save_spiking_checkpoint(model, model_dir, model_config=written["model"], neuron=written["neuron"],
                                 tokenizer=datamodule.tokenizer, card=card, cost_model=cost.name,
                                 thresholds=ctx.thresholds)
-        return ConversionResult(output_dir, model_dir, source, fp_ppl, spiking_ppl, final_ppl, summaries,
-                                time.perf_counter() - start, energy_before, energy_after, native=True)
-    from spikellm.nn.spiking_linear import SpikingLinear
-
-    folded = all(m.weight_quantizer is None for m in model.modules() if isinstance(m, SpikingLinear))
-    saved_neuron = dict(neuron or {}, weight_quantizer=None) if folded else neuron
-    record = {"source": source, "neuron": saved_neuron, "thresholds": ctx.thresholds, "stages": summaries,
-              "metrics": metrics,
-              "calibration": OmegaConf.to_container(cfg.convert.calibration, resolve=True),
-              "task_name": cfg.get("task_name")}
-    save_converted(model, datamodule.tokenizer, model_dir, record)
+    else:
+        record = {"source": source, "neuron": neuron, "thresholds": ctx.thresholds, "stages": summaries,
+                  "metrics": metrics, "storage_dtype": str(_stored_dtype(model)).removeprefix("torch."),
+                  "calibration": OmegaConf.to_container(cfg.convert.calibration, resolve=True),
+                  "task_name": cfg.get("task_name")}
+        save_converted(model, datamodule.tokenizer, model_dir, record)
+    state.remove()
     return ConversionResult(output_dir, model_dir, source, fp_ppl, spiking_ppl, final_ppl, summaries,
-                            time.perf_counter() - start, energy_before, energy_after)
+                            time.perf_counter() - start, energy_before, energy_after, native=native)
+
+
+def _stored_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _write_energy(output_dir: Path, before, after) -> None:

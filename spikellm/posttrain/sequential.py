@@ -1,25 +1,51 @@
 """GPTQ over a whole model, block after block (SpikeLLM's GPTQ pipeline; DESIGN.md §5).
 
 Block ``i``'s calibration inputs are the outputs of blocks ``< i`` already quantized (weights and
-spike encoders on), as in GPTQ's sequential loop: every linear layer of the block accumulates the
-Hessian of its inputs over the calibration batches, is quantized against it, and the block is
-then re-run to produce the next block's inputs.
+spike encoders on), as in GPTQ's sequential loop. For each block, in fp32 while the rest of the
+model stays in its stored dtype (:func:`~spikellm.nn.storage.materialized`):
+
+1. one pass over the calibration batches accumulates the Hessian of each distinct input (q/k/v
+   read the same tensor and share one Hessian, gate/up another: 4 per LLaMA block, not 7);
+2. each projection is quantized against its Hessian and keeps the result as packed integers
+   (:class:`~spikellm.nn.packed.PackedWeight`): its store from then on;
+3. a second pass produces the next block's inputs.
+
+A :class:`BlockResume` lets a conversion save each finished block and start again at the next.
 """
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from rich.progress import track
 from torch import Tensor, nn
 
 from spikellm.errors import ConfigError
+from spikellm.nn.packed import PackedWeight, format_for
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.posttrain.blocks import capture_block_inputs, decoder_blocks, observe_inputs, run_block
-from spikellm.quant.gptq import LayerHessian
+from spikellm.nn.storage import compute_in, materialized
+from spikellm.posttrain.blocks import BlockResume, capture_block_inputs, decoder_blocks, observe_inputs, run_block
+from spikellm.progress import progress_bar
+from spikellm.quant.gptq import HessianAccumulator, LayerHessian
 from spikellm.quant.weights import RoundToNearest
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockTimes:
+    """Where a block's time goes: the calibration forward passes, Hessian accumulation, the
+    column loop (inversion included), in seconds."""
+
+    forward: float = 0.0
+    hessian: float = 0.0
+    quantize: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"forward_s": round(self.forward, 3), "hessian_s": round(self.hessian, 3),
+                "quantize_s": round(self.quantize, 3)}
 
 
 def _grid_of(name: str, layer: SpikingLinear, grid):
@@ -40,39 +66,133 @@ def _grid_of(name: str, layer: SpikingLinear, grid):
     return chosen
 
 
+class SharedHessians:
+    """One :class:`LayerHessian` per projection, sharing an accumulator among projections that
+    are called with the very same input tensor (and rotation) in the first calibration batch."""
+
+    def __init__(self, layers: dict[str, SpikingLinear], dtype: torch.dtype, times: BlockTimes):
+        self.layers, self.dtype, self.times = layers, dtype, times
+        self.hessians: dict[str, LayerHessian] = {}
+        self._first_batch: dict[tuple, HessianAccumulator] | None = {}
+        self._leaders: set[str] = set()
+
+    def observer(self, name: str) -> Callable[[Tensor], None]:
+        layer = self.layers[name]
+
+        def see(x: Tensor) -> None:
+            began = time.perf_counter()
+            if self._first_batch is not None:  # the first batch decides who shares
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version, bool(layer.rotate))
+                shared = self._first_batch.get(key)
+                self.hessians[name] = LayerHessian(layer, shared, dtype=self.dtype)
+                if shared is None:
+                    self._first_batch[key] = self.hessians[name].accumulator
+                    self._leaders.add(name)
+            if name in self._leaders:
+                self.hessians[name].add(x)
+            self.times.hessian += time.perf_counter() - began
+
+        return see
+
+    def batch_done(self) -> None:
+        self._first_batch = None
+
+    @property
+    def distinct(self) -> int:
+        return len(self._leaders)
+
+
+def _pack(result, grid) -> PackedWeight:
+    fmt = format_for(grid.max_int) if isinstance(grid, RoundToNearest) else None
+    return PackedWeight.from_integers(result.integers, result.scales, result.group_index, fmt=fmt)
+
+
+@torch.no_grad()
+def gptq_block(block: nn.Module, index: int, inputs, grid, options: dict, hessian_dtype: torch.dtype,
+               advance: Callable[[float], None], times: BlockTimes) -> tuple[dict[str, float], int]:
+    """Quantize every SpikingLinear of ``block`` (already in fp32) against the Hessians of its
+    calibration ``inputs``; each keeps packed integers and loses its quantizer. Returns
+    ``({name: relative output error}, distinct Hessians)``."""
+    layers = {name: m for name, m in block.named_modules() if isinstance(m, SpikingLinear)}
+    if not layers:
+        raise ConfigError("model", type(block).__name__, "has no SpikingLinear in its blocks: spikify it first")
+    grids = {name: _grid_of(f"block {index} {name}", layer, grid) for name, layer in layers.items()}
+    hessians = SharedHessians(layers, hessian_dtype, times)
+    began = time.perf_counter()
+
+    def batch_done(_):
+        hessians.batch_done()
+        advance(1)
+
+    observe_inputs(block, inputs, {name: hessians.observer(name) for name in layers}, after_batch=batch_done)
+    times.forward += time.perf_counter() - began - times.hessian
+    errors = {}
+    for name, layer in layers.items():
+        began = time.perf_counter()
+        original = layer.weight.detach().float().clone()
+        layer.weight_quantizer = None
+        result = hessians.hessians[name].quantize(grids[name], **options)
+        layer.packed = _pack(result, grids[name])
+        H = hessians.hessians[name].accumulator.hessian.float()
+        delta = original.sub_(layer.weight.float())
+        weight = layer.weight.float()
+        errors[name] = float(((delta @ H) * delta).sum() / ((weight @ H) * weight).sum().clamp_min(1e-30))
+        times.quantize += time.perf_counter() - began
+        advance(1)
+    return errors, hessians.distinct
+
+
 @torch.no_grad()
 def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 128, percdamp: float = 0.01,
-               act_order: bool = True, batch_size: int = 1) -> dict[str, float]:
+               act_order: bool = True, batch_size: int = 1, hessian_dtype: torch.dtype = torch.float32,
+               resume: BlockResume | None = None) -> dict[str, float]:
     """Quantize every SpikingLinear in the decoder blocks of ``model`` with GPTQ, block by block.
 
     ``grid`` is the quantizer every layer rounds onto; None uses each layer's own
-    ``weight_quantizer``. Afterwards each layer holds its quantized weight and no quantizer.
-    Returns ``{layer name: relative output error ||X(W - Q)ᵀ||² / ||XWᵀ||²}`` on the calibration
-    inputs, the figure GPTQ minimizes.
+    ``weight_quantizer``. Afterwards each layer holds its quantized weight, its integers and
+    scales in ``packed``, and no quantizer. A model stored in another dtype (bf16) computes each
+    block in fp32 and keeps the quantized ones packed. Returns ``{layer name: relative output
+    error ||X(W - Q)ᵀ||² / ||XWᵀ||²}`` on the calibration inputs, the figure GPTQ minimizes.
+    ``resume``: start at a later block (and report each finished one).
     """
     was_training = model.training
     model.eval()
+    resume = resume or BlockResume()
+    blocks = decoder_blocks(model)
     errors: dict[str, float] = {}
+    for index, info in sorted(resume.infos.items()):
+        errors.update({f"{index}.{name}": value for name, value in info.get("errors", {}).items()})
+    options = dict(block_size=block_size, percdamp=percdamp, act_order=act_order)
     try:
-        inputs = capture_block_inputs(model, samples, batch_size)
-        for index, block in enumerate(track(decoder_blocks(model), description="GPTQ, block by block", transient=True)):
-            layers = {name: m for name, m in block.named_modules() if isinstance(m, SpikingLinear)}
-            if not layers:
-                raise ConfigError("model", type(model).__name__, "has no SpikingLinear in its blocks: spikify it first")
-            grids = {name: _grid_of(f"block {index} {name}", layer, grid) for name, layer in layers.items()}
-            hessians = {name: LayerHessian(layer) for name, layer in layers.items()}
-            observe_inputs(block, inputs, {name: hessian.add for name, hessian in hessians.items()})
-            for name, layer in layers.items():
-                original = layer.weight.detach().clone().double()
-                layer.weight_quantizer = None
-                hessians[name].quantize(grids[name], block_size=block_size, percdamp=percdamp, act_order=act_order)
-                H = hessians[name].accumulator.hessian
-                delta = original - layer.weight.double()
-                errors[f"{index}.{name}"] = float(torch.einsum("oi,ij,oj->", delta, H, delta)
-                                                  / torch.einsum("oi,ij,oj->", original, H, original).clamp_min(1e-30))
-            inputs.hidden = [run_block(block, inputs, i) for i in range(len(inputs.hidden))]
-            log.info("GPTQ block %d: mean relative output error %.3g", index,
-                     sum(errors[f"{index}.{n}"] for n in layers) / len(layers))
+        with compute_in(model, blocks):
+            inputs = capture_block_inputs(model, samples, batch_size)
+        if resume.hidden is not None:
+            inputs.hidden = resume.hidden
+        batches = len(inputs.hidden)
+        per_block = 2 * batches + sum(isinstance(m, SpikingLinear) for m in blocks[0].modules())
+        with progress_bar(f"GPTQ, {len(blocks)} blocks", total=len(blocks) * per_block) as advance:
+            advance(resume.start * per_block)
+            for index in range(resume.start, len(blocks)):
+                block, times = blocks[index], BlockTimes()
+                with materialized(block):
+                    block_errors, distinct = gptq_block(block, index, inputs, grid, options, hessian_dtype,
+                                                        advance, times)
+                    began = time.perf_counter()
+                    hidden = []
+                    for i in range(batches):
+                        hidden.append(run_block(block, inputs, i))
+                        advance(1)
+                    times.forward += time.perf_counter() - began
+                inputs.hidden = hidden
+                errors.update({f"{index}.{name}": value for name, value in block_errors.items()})
+                info = {"errors": block_errors, "hessians": distinct, **times.as_dict()}
+                log.info("GPTQ block %d/%d: mean relative output error %.3g; %d Hessians; %.1f s forward, "
+                         "%.1f s Hessians, %.1f s quantizing", index + 1, len(blocks),
+                         sum(block_errors.values()) / len(block_errors), distinct, times.forward, times.hessian,
+                         times.quantize)
+                resume.infos[index] = info
+                if resume.done is not None:
+                    resume.done(index, block, hidden, info)
     finally:
         model.train(was_training)
     return errors

@@ -28,10 +28,41 @@ class ConversionContext:
     cfg: Any = None
     output_dir: Path | None = None
     thresholds: dict[str, float] = field(default_factory=dict)  # activation thresholds to save
+    state: Any = None  # the ConversionState of the run (resume), or None
+    stage: str = ""  # the name of the stage running
 
     def batches(self, limit: int | None = None, batch_size: int = 1) -> list[Tensor]:
         samples = self.calibration if limit is None else self.calibration[:limit]
         return list(samples.split(batch_size))
+
+    def block_resume(self):
+        """Where the running block-by-block stage starts, from the saved state, and the callback
+        that saves each block it finishes (:class:`~spikellm.posttrain.sequential.BlockResume`)."""
+        from spikellm.posttrain.blocks import BlockResume
+
+        if self.state is None:
+            return BlockResume()
+        infos = self.state.block_infos(self.stage)
+        stage = self.stage
+        return BlockResume(start=(max(infos) + 1) if infos else 0, hidden=self.state.hidden(stage), infos=infos,
+                           done=lambda index, block, hidden, info: self.state.save_block(stage, index, block, hidden,
+                                                                                       info))
+
+    def forwards(self, description: str, passes: int):
+        """A context for stages that run the whole model ``passes`` times: each block computes in
+        fp32 (a bf16 store), and a bar advances per block."""
+        from contextlib import ExitStack
+
+        from spikellm.models.spikify import decoder_blocks
+        from spikellm.nn.storage import compute_in
+        from spikellm.progress import per_block, progress_bar
+
+        blocks = decoder_blocks(self.model)
+        stack = ExitStack()
+        stack.enter_context(compute_in(self.model, blocks))
+        advance = stack.enter_context(progress_bar(description, passes * len(blocks)))
+        stack.enter_context(per_block(blocks, advance))
+        return stack
 
 
 class OptimalBrainSpiking:
@@ -50,8 +81,10 @@ class OptimalBrainSpiking:
     def __call__(self, ctx: ConversionContext) -> dict:
         from spikellm.neurons.saliency import allocate_steps, average_steps
 
-        masks = allocate_steps(ctx.model, ctx.batches(self.samples, self.batch_size), self.low_p, self.addbit,
-                               forward=causal_lm_logits, separate=self.separate)
+        batches = ctx.batches(self.samples, self.batch_size)
+        with ctx.forwards(f"Optimal Brain Spiking, {len(batches)} batches", len(batches)):
+            masks = allocate_steps(ctx.model, batches, self.low_p, self.addbit, forward=causal_lm_logits,
+                                   separate=self.separate)
         steps = average_steps(ctx.model)
         log.info("Optimal Brain Spiking: %d layers, %.2f steps per channel on average", len(masks), steps)
         return {"layers": len(masks), "average_steps": steps}
@@ -72,7 +105,7 @@ class BlockCalibration:
         from spikellm.posttrain.omniquant import block_calibration
 
         results = block_calibration(ctx.model, ctx.calibration, seed=int(ctx.cfg.seed) if ctx.cfg else 0,
-                                    **self.options)
+                                    resume=ctx.block_resume(), **self.options)
         return {"blocks": len(results),
                 "mse_before": [round(r.initial_mse, 6) for r in results],
                 "mse_after": [round(r.final_mse, 6) for r in results]}
@@ -91,9 +124,15 @@ class GPTQ:
     def __call__(self, ctx: ConversionContext) -> dict:
         from spikellm.posttrain.sequential import gptq_model
 
-        errors = gptq_model(ctx.model, ctx.calibration, self.grid, **self.options)
+        resume = ctx.block_resume()
+        errors = gptq_model(ctx.model, ctx.calibration, self.grid, **self.options, resume=resume)
+        blocks = resume.infos.values()
+        seconds = {key: round(sum(info[key] for info in blocks), 2) for key in ("forward_s", "hessian_s", "quantize_s")}
         return {"layers": len(errors), "mean_relative_error": sum(errors.values()) / len(errors),
-                "grid": repr(self.grid) if self.grid is not None else "neuron.weight_quantizer"}
+                "grid": repr(self.grid) if self.grid is not None else "neuron.weight_quantizer",
+                "hessians_per_block": max((info["hessians"] for info in blocks), default=0), **seconds,
+                # what GPTQ costs against the two forward passes per block it needs
+                "time_over_forward": round(sum(seconds.values()) / max(seconds["forward_s"], 1e-9), 3)}
 
 
 class Sparsify:
@@ -114,13 +153,17 @@ class Sparsify:
         from spikellm.models.spikify import projection_names
         from spikellm.sparsity import calibrate_thresholds, calibration_loss, sparsity_report
 
+        from spikellm.models.spikify import decoder_blocks
+        from spikellm.nn.storage import compute_in
+
         batches = ctx.batches(self.samples, self.batch_size)
         # a model of our own names its projections; a Hugging Face one by its architecture's layout
         names = list(ctx.model.spiking_linears()) if hasattr(ctx.model, "spiking_linears") else projection_names(ctx.model)
-        dense_loss = calibration_loss(ctx.model, batches)
-        chosen = calibrate_thresholds(ctx.model, batches, keep=self.keep, tolerance=self.tolerance, names=names)
-        report = sparsity_report(ctx.model)
-        final_loss = calibration_loss(ctx.model, batches)
+        with compute_in(ctx.model, decoder_blocks(ctx.model)):
+            dense_loss = calibration_loss(ctx.model, batches)
+            chosen = calibrate_thresholds(ctx.model, batches, keep=self.keep, tolerance=self.tolerance, names=names)
+            report = sparsity_report(ctx.model)
+            final_loss = calibration_loss(ctx.model, batches)
         ctx.thresholds = {name: info["threshold"] for name, info in chosen.items()}
         bound = self.tolerance ** len(names)
         summary = {"weighted_sparsity": report["weighted_sparsity"], "dense_loss": dense_loss,

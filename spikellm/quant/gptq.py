@@ -97,7 +97,9 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
         raise ConfigError("group_size", group, f"must divide the layer width {columns}")
 
     W = weight.detach().clone().float()
-    H = hessian.detach().clone().to(W.device, torch.float64)
+    # the inversion runs in the Hessian's own precision: fp32 as GPTQ's reference does (a float64
+    # Hessian, as the tests build, is inverted in float64)
+    H = hessian.detach().clone().to(W.device, torch.float64 if hessian.dtype == torch.float64 else torch.float32)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -118,7 +120,7 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
 
     diag = torch.arange(columns, device=H.device)
     H[diag, diag] += percdamp * torch.mean(torch.diag(H))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    hinv = _inverse_cholesky(H)
 
     Q = torch.zeros_like(W)
     integers = torch.zeros_like(W)
@@ -170,6 +172,18 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNe
     return GPTQResult(Q.to(weight.dtype), integers, scales, group_index)
 
 
+def _inverse_cholesky(H: Tensor) -> Tensor:
+    """The upper Cholesky factor of ``H⁻¹`` (fp32): in H's precision, retried in float64 when an
+    fp32 factorisation fails (a Hessian too ill-conditioned for single precision)."""
+    for attempt in (H, H.double()) if H.dtype != torch.float64 else (H,):
+        factor, info = torch.linalg.cholesky_ex(attempt)
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return inverse.float()
+    raise ValueError("the damped Hessian is not positive definite; raise percdamp")
+
+
 def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: RoundToNearest, block_size: int = 128,
                   percdamp: float = 0.01, act_order: bool = False) -> Tensor:
     """The dequantized GPTQ weight (``integers · scale``); see :func:`gptq_quantize_detailed`."""
@@ -181,15 +195,17 @@ class LayerHessian:
 
     A ``SpikingLinear`` with ``rotate=True`` has its rotation folded at construction and its inputs
     rotated in :meth:`add`, so GPTQ quantizes the weight the layer multiplies. The encoder is not
-    applied: H is built from the full-precision inputs, as in GPTQ.
+    applied: H is built from the full-precision inputs, as in GPTQ. Layers that read the same
+    input (q/k/v, gate/up) may share one ``accumulator``: one Hessian, accumulated once.
     """
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, accumulator: HessianAccumulator | None = None,
+                 dtype: torch.dtype = torch.float64):
         self.layer = layer
         self.rotate = bool(getattr(layer, "rotate", False))
         if self.rotate:
             layer.fold_rotation()
-        self.accumulator = HessianAccumulator(layer.in_features, device=layer.weight.device)
+        self.accumulator = accumulator or HessianAccumulator(layer.in_features, dtype=dtype, device=layer.weight.device)
 
     def add(self, x: Tensor) -> None:
         if self.rotate:
