@@ -81,7 +81,7 @@ def stored_dtype(directory, config=None) -> torch.dtype:
 
 
 def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype | str | None = torch.float32,
-                      config=None) -> nn.Module:
+                      config=None, blocks_on_disk: bool = False) -> nn.Module:
     """The ``AutoModelForCausalLM`` in local directory ``hf_path`` (never the hub), in eval mode,
     in ``dtype`` (``auto``/None: the dtype it is stored in).
 
@@ -91,6 +91,8 @@ def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype | str | 
     any weight is read, with the list of supported ones. ``key`` names the setting in errors
     (``hf_path``: built from the ``model`` group, which prefixes ``model.``). ``config``: the
     directory's :func:`hf_config`, when the caller has already read (and so checked) it.
+    ``blocks_on_disk``: the decoder blocks' tensors stay in their files until a block needs them
+    (:func:`~spikellm.nn.storage.keep_on_disk`; a conversion, which runs one block at a time).
     """
     import transformers
 
@@ -104,18 +106,27 @@ def load_hf_causal_lm(hf_path, key: str = "hf_path", dtype: torch.dtype | str | 
         return _transformers_load(directory, config, dtype)
     with empty_parameters():
         model = transformers.AutoModelForCausalLM.from_config(config)
-    fill_from_files(model, directory, dtype, prefix=getattr(model, "base_model_prefix", "") or "")
+    on_disk = None
+    from spikellm.models.spikify import block_prefixes, layout_of
+
+    if blocks_on_disk and layout_of(model).weights_stay:
+
+        blocks = tuple(block_prefixes(model))  # "model.layers.<i>."
+        on_disk = lambda name: name.startswith(blocks)  # noqa: E731
+    fill_from_files(model, directory, dtype, prefix=getattr(model, "base_model_prefix", "") or "", on_disk=on_disk)
     return model.eval()
 
 
 def fill_from_files(model: nn.Module, directory: Path, dtype: torch.dtype, prefix: str = "",
-                    rename=None) -> None:
+                    rename=None, on_disk=None) -> None:
     """Read the tensors of a model directory into ``model`` (built with empty parameters), one at a
     time, in ``dtype``. Names are the model's own, or differ by the base model's ``prefix``
     (``model.``) as some checkpoints store them; ``rename(name)`` maps names first (None: drop).
+    Parameters whose (model) name ``on_disk(name)`` accepts are not read: they stay in the file
+    until used (:func:`~spikellm.nn.storage.keep_on_disk`), checked for shape now.
     A tensor the model does not have, or a parameter no file has, is a DataError."""
     from spikellm.checkpoints.shards import TensorFiles
-    from spikellm.nn.storage import assign_parameters, empty_names
+    from spikellm.nn.storage import assign_parameters, empty_names, keep_on_disk
 
     fix = "download the model again"
     files = TensorFiles(directory, fix=fix)
@@ -134,9 +145,17 @@ def fill_from_files(model: nn.Module, directory: Path, dtype: torch.dtype, prefi
         return name
 
     names = [(model_name(name), name) for name in files.names()]
+    later = [(ours, theirs) for ours, theirs in names if ours is not None and on_disk is not None and on_disk(ours)]
+    now = [(ours, theirs) for ours, theirs in names if ours is not None and (ours, theirs) not in later]
     try:
-        unexpected = assign_parameters(model, ((ours, files.get(theirs, None)) for ours, theirs in names
-                                               if ours is not None), dtype=dtype)
+        unexpected = assign_parameters(model, ((ours, files.get(theirs)) for ours, theirs in now), dtype=dtype)
+        # an empty stand-in of the file's shape now (checked against the model's), the values when needed
+        unexpected += assign_parameters(model, ((ours, torch.zeros((), dtype=dtype).expand(files.shape(theirs)))
+                                                for ours, theirs in later))
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        for ours, theirs in later:
+            if ours in parameters:
+                keep_on_disk(parameters[ours], lambda theirs=theirs: files.get(theirs, dtype))
     except ValueError as error:
         raise DataError(f"the weights in {_weight_files(directory)} do not match config.json: {error}") from None
     missing = empty_names(model)

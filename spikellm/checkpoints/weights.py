@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from spikellm.errors import DataError
 from spikellm.nn.packed import PackedWeight
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.nn.storage import is_released
+from spikellm.nn.storage import is_placeholder, is_released, materialized, on_disk, stored_value
 
 PACKED_SUFFIXES = (".qweight", ".qscale", ".qgidx")
 _BITS = {"ternary": 2, "int4": 4, "int8": 8}
@@ -40,15 +40,21 @@ def layer_record(layer: SpikingLinear, fmt: str, bits, group) -> dict:
 
 
 @torch.no_grad()
-def stored_tensors(model: nn.Module, layers: dict[str, SpikingLinear]) -> tuple[dict[str, dict], Iterator[tuple[str, Tensor]]]:
+def stored_tensors(model: nn.Module, layers: dict[str, SpikingLinear],
+                   skip_on_disk: bool = False) -> tuple[dict[str, dict], Iterator[tuple[str, Tensor]]]:
     """``(layer records, (name, tensor) pairs)`` to write for ``model``: each projection of
     ``layers`` (``{name: SpikingLinear}``) as packed integers when its weight is quantized (its
     ``.weight`` is then not written) or as the weight it multiplies otherwise, every other entry
     of the state dict as held, tensors shared by several names (tied embeddings) once. The pairs
-    are produced lazily: a writer holds one shard of them at a time."""
+    are produced lazily: a writer holds one shard of them at a time. A parameter still in its
+    source file (:func:`~spikellm.nn.storage.keep_on_disk`) is read from it, or left out with
+    ``skip_on_disk`` (a conversion's snapshot: rebuilding the model reads it from there again)."""
     records, packed = {}, {}
     for name, layer in layers.items():
-        weight = layer.quantized_weight()
+        if skip_on_disk and on_disk(layer.weight) is not None:
+            continue
+        with materialized(layer, layer.weight.dtype if on_disk(layer.weight) is None else torch.float32):
+            weight = layer.quantized_weight()
         fmt, bits, group = weight_format(layer, weight)
         records[name] = layer_record(layer, fmt, bits, group)
         if weight is not None:
@@ -60,13 +66,19 @@ def stored_tensors(model: nn.Module, layers: dict[str, SpikingLinear]) -> tuple[
         # a quantizer no packed format holds (over 8 bits): the values it gives, stored rotated
         folded = {name for name, layer in layers.items() if layer.weight_quantizer is not None and name not in packed}
         seen: set[int] = set()
+        params = dict(model.named_parameters(remove_duplicate=False))
         for key, value in model.state_dict().items():
             layer, _, leaf = key.rpartition(".")
+            if key in params and is_placeholder(value) and not (leaf == "weight" and layer in packed):
+                if skip_on_disk:
+                    continue
+                value = stored_value(params[key])  # a block a conversion never needed: still in its file
             if leaf == "weight" and layer in packed:
                 yield from packed[layer].tensors(layer).items()
                 continue
             if leaf == "weight" and layer in folded:
-                value = layers[layer].effective_weight()
+                with materialized(layers[layer], value.dtype):
+                    value = layers[layer].effective_weight().detach().clone()
             if leaf == "rotation_folded" and (layer in packed or layer in folded):
                 value = torch.tensor(True)  # what is written is the rotated weight
             if value.numel():

@@ -34,6 +34,10 @@ class BlockLayout:
     blocks: tuple[str, ...]  # candidate paths of the block ModuleList (causal LM first, base model next)
     projections: tuple[str, ...]  # paths relative to one block
     attention: str | None = "self_attn"  # the block's softmax attention (None: it has none, e.g. RWKV)
+    # whether a block's weights are left alone outside its own forward, so a conversion may keep
+    # them in their file until the block runs (RWKV rescales every block's weights in place when
+    # the model first runs in eval mode)
+    weights_stay: bool = True
 
 
 _LLAMA_LIKE = BlockLayout(
@@ -56,6 +60,7 @@ SPIKING_PROJECTIONS: dict[str, BlockLayout] = {
         projections=("attention.key", "attention.value", "attention.receptance", "attention.output",
                      "feed_forward.key", "feed_forward.receptance", "feed_forward.value"),
         attention=None,  # a linear recurrence: its element-wise work is not priced (see the README)
+        weights_stay=False,
     ),
 }
 
@@ -119,6 +124,12 @@ def _hf_window(layer: int):
         start = int(cache.get_seq_length(layer)) if cache is not None and hasattr(cache, "get_seq_length") else 0
         return hidden.shape[0], start, hidden.shape[1], cache is not None
     return window
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """``model.layers.<i>.`` for every decoder block of a HF causal LM: the names inside blocks."""
+    path, blocks = _blocks(model, layout_of(model))
+    return [f"{path}.{index}." for index in range(len(blocks))]
 
 
 def projection_names(model: nn.Module) -> list[str]:

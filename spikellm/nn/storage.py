@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,10 @@ def assign_parameters(model: nn.Module, tensors: Iterable[tuple[str, Tensor]],
         _check_shape(module, leaf, old, tensor)
         if cast and dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
+        if is_placeholder(old):  # kept on disk or released: the given values are its store now
+            old.data = tensor.to(old.dtype)
+            old._spikellm_read = None
+            return
         if not old.is_meta:  # the second name of a tied parameter, or a model built with memory
             old.data.copy_(tensor)
             return
@@ -105,10 +109,14 @@ def _check_shape(module: nn.Module, leaf: str, old: Tensor | None, tensor: Tenso
 
 # ---- computing in fp32 over a store in another dtype ---------------------------------------------
 
-#: an empty weight of a projection whose values live in its ``packed`` integers: NaN, so that any
-#: forward that was not given the packed values fails loudly instead of computing with zeros
 def _placeholder(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty stand-in of ``like``'s shape: one NaN, expanded, so that a forward that was not
+    given the real values fails loudly instead of computing with zeros."""
     return torch.full((), float("nan"), dtype=dtype or like.dtype, device=like.device).expand(like.shape)
+
+
+def is_placeholder(tensor: Tensor) -> bool:
+    return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
 
 
 def release_packed(layer: SpikingLinear) -> None:
@@ -117,11 +125,32 @@ def release_packed(layer: SpikingLinear) -> None:
     if layer.packed is None:
         raise ValueError("release_packed needs a packed weight")
     layer.weight.data = _placeholder(layer.weight.data)
+    layer.weight._spikellm_read = None  # the packed integers, not the source file, hold it now
 
 
 def is_released(layer: nn.Module) -> bool:
     weight = getattr(layer, "weight", None)
-    return isinstance(weight, Tensor) and weight.dim() == 2 and weight.stride() == (0, 0) and weight.numel() > 1
+    return isinstance(weight, Tensor) and weight.dim() == 2 and is_placeholder(weight) and \
+        getattr(layer, "packed", None) is not None
+
+
+def keep_on_disk(param: nn.Parameter, read: Callable[[], Tensor]) -> None:
+    """Leave ``param``'s values in a file: ``read()`` returns them (as stored) whenever a block
+    needs them. A conversion keeps every block of the source this way until its block runs, so a
+    model is never held whole: its memory is the embeddings, the blocks done (packed) and one."""
+    param.data = _placeholder(param.data)
+    param._spikellm_read = read
+
+
+def on_disk(param: Tensor) -> Callable[[], Tensor] | None:
+    read = getattr(param, "_spikellm_read", None)
+    return read if read is not None and is_placeholder(param) else None
+
+
+def stored_value(param: Tensor) -> Tensor:
+    """``param``'s values as stored: in memory, or read from its file now (in ``param``'s dtype)."""
+    read = on_disk(param)
+    return param.detach() if read is None else read().to(param.dtype)
 
 
 @contextmanager
@@ -129,30 +158,42 @@ def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, recurse:
     """``module``'s floating-point parameters in ``dtype`` inside the ``with`` (its own only, when
     not ``recurse``).
 
-    A released projection (:func:`release_packed`) gets its packed values. At the end every
-    parameter goes back to its own dtype, keeping what was learned or folded meanwhile, except a
-    projection's weight that holds packed integers (given inside by GPTQ or a folded quantizer,
-    or released before): it is released, its integers being its store. Parameters already in ``dtype`` are left alone, so nested
-    and repeated use costs nothing."""
+    A released projection (:func:`release_packed`) gets its packed values, a parameter kept on
+    disk (:func:`keep_on_disk`) is read. At the end every parameter goes back to its own dtype,
+    keeping what was learned or folded meanwhile, except a projection's weight that holds packed
+    integers (given inside by GPTQ or a folded quantizer, or released before): it is released,
+    its integers being its store; and a parameter read from disk and left unchanged (no in-place
+    change, no new tensor) goes back to its file. Parameters already in ``dtype`` are left alone,
+    so nested and repeated use costs nothing."""
     layers = {id(m.weight): m for m in (module.modules() if recurse else [module]) if isinstance(m, SpikingLinear)}
-    stores: list[tuple[nn.Parameter, torch.dtype]] = []
+    stores: list[tuple[nn.Parameter, torch.dtype, tuple | None]] = []
     for param in module.parameters(recurse=recurse):
         layer = layers.get(id(param))
+        read = on_disk(param)
         if layer is not None and is_released(layer):
-            stores.append((param, param.dtype))
+            stores.append((param, param.dtype, None))
             param.data = layer.packed.dequantize(dtype)
+        elif read is not None:
+            original = param.dtype
+            param.data = read().to(dtype)
+            stores.append((param, original, (param.data_ptr(), param._version)))
         elif param.is_floating_point() and param.dtype != dtype:
-            stores.append((param, param.dtype))
+            stores.append((param, param.dtype, None))
             param.data = param.data.to(dtype)
     try:
         yield
     finally:
-        for param, original in stores:
+        for param, original, read_as in stores:
             layer = layers.get(id(param))
             if layer is not None and layer.packed is not None:  # its store is the packed integers
                 layer.weight.data = _placeholder(param.data, original)
+                param._spikellm_read = None
+            elif read_as is not None and read_as == (param.data_ptr(), param._version):
+                param.data = _placeholder(param.data, original)  # unchanged: back to its file
             else:
                 param.data = param.data.to(original)
+                if read_as is not None:
+                    param._spikellm_read = None  # changed: held in memory from now on
 
 
 def weight_units(model: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Module]:
@@ -174,6 +215,8 @@ def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype
     active: dict[int, list] = {}
 
     def pre_hook(module, args, kwargs):
+        if isinstance(module, nn.Embedding) and on_disk(module.weight) is None:
+            return None  # a lookup: rows cast on the way out, not the whole table
         context = materialized(module, dtype, recurse=id(module) in order)
         context.__enter__()
         active.setdefault(id(module), []).append(context)
@@ -183,6 +226,9 @@ def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype
         contexts = active.get(id(module))
         if contexts:
             contexts.pop().__exit__(None, None, None)
+        if isinstance(module, nn.Embedding) and output.is_floating_point() and output.dtype != dtype:
+            return output.to(dtype)
+        return None
 
     handles = []
     for unit in weight_units(model, blocks):
@@ -207,3 +253,16 @@ def _cast_inputs(args: tuple, kwargs: dict, dtype: torch.dtype):
             return tuple(cast(v) for v in value)
         return value
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system: a conversion frees a block's fp32 copy, Hessians and
+    activations after every block, and glibc would otherwise keep much of it in its heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

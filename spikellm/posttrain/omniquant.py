@@ -32,7 +32,7 @@ from torch.func import functional_call
 from spikellm.checks import check_float, check_int
 from spikellm.errors import ConfigError, DataError
 from spikellm.nn.spiking_linear import SpikingLinear, fold_weight_quantizers
-from spikellm.nn.storage import compute_in, materialized
+from spikellm.nn.storage import compute_in, materialized, release_memory
 from spikellm.ops.rounding import round_half_up
 from spikellm.posttrain.blocks import (BlockInputs, BlockResume, capture_block_inputs, decoder_blocks, floating_point,
                                       observe_inputs, run_block)
@@ -342,6 +342,7 @@ def block_calibration(model: nn.Module, samples: Tensor, epochs: int = 20, lwc_l
                         hidden = [run_block(block, inputs, i) for i in range(len(inputs.hidden))]
                 advance(len(hidden))
                 inputs.hidden = hidden
+                release_memory()
                 log.info("block %d/%d: output MSE %.3g -> %.3g", index + 1, len(blocks), result.initial_mse,
                          result.final_mse)
                 results.append(result)

@@ -156,8 +156,9 @@ def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: floa
     datamodule = build(cfg.data, "data", tokenizer_path=source)
     datamodule.setup("fit")
     trains = any(getattr(stage, "needs_teacher", False) for stage in stages.values())
-    # a stage that trains the whole model needs it in fp32; the others hold it as stored (bf16)
-    model = build(cfg.model, "model", **({"dtype": "float32"} if trains and not native else {}))
+    # a stage that trains the whole model needs it in fp32 and in memory; the others hold it as
+    # stored (bf16) and leave each block in its file until the block runs
+    model = build(cfg.model, "model", **({} if native else {"dtype": "float32"} if trains else {"blocks_on_disk": True}))
     positions = max_positions(model.config)
     for key, length in (("convert.calibration.seq_len", cfg.convert.calibration.seq_len),
                         ("data.block_size", cfg.data.block_size)):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from spikellm.errors import ConfigError
 from spikellm.nn.packed import PackedWeight, format_for
 from spikellm.nn.spiking_linear import SpikingLinear
-from spikellm.nn.storage import compute_in, materialized
+from spikellm.nn.storage import compute_in, materialized, release_memory
 from spikellm.posttrain.blocks import BlockResume, capture_block_inputs, decoder_blocks, observe_inputs, run_block
 from spikellm.progress import progress_bar
 from spikellm.quant.gptq import HessianAccumulator, LayerHessian
@@ -73,7 +73,9 @@ class SharedHessians:
     def __init__(self, layers: dict[str, SpikingLinear], dtype: torch.dtype, times: BlockTimes):
         self.layers, self.dtype, self.times = layers, dtype, times
         self.hessians: dict[str, LayerHessian] = {}
-        self._first_batch: dict[tuple, HessianAccumulator] | None = {}
+        # the first batch's inputs, by identity: held (so that no later tensor takes their place
+        # in memory, as a freed input's address would) until the grouping is decided
+        self._first_batch: dict[int, tuple[Tensor, bool, HessianAccumulator]] | None = {}
         self._leaders: set[str] = set()
 
     def observer(self, name: str) -> Callable[[Tensor], None]:
@@ -81,12 +83,12 @@ class SharedHessians:
 
         def see(x: Tensor) -> None:
             began = time.perf_counter()
-            if self._first_batch is not None:  # the first batch decides who shares
-                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version, bool(layer.rotate))
-                shared = self._first_batch.get(key)
+            if self._first_batch is not None:  # the first batch decides who shares: the very same tensor
+                seen = self._first_batch.get(id(x))
+                shared = seen[2] if seen is not None and seen[0] is x and seen[1] == bool(layer.rotate) else None
                 self.hessians[name] = LayerHessian(layer, shared, dtype=self.dtype)
                 if shared is None:
-                    self._first_batch[key] = self.hessians[name].accumulator
+                    self._first_batch[id(x)] = (x, bool(layer.rotate), self.hessians[name].accumulator)
                     self._leaders.add(name)
             if name in self._leaders:
                 self.hessians[name].add(x)
@@ -112,7 +114,8 @@ def gptq_block(block: nn.Module, index: int, inputs, grid, options: dict, hessia
                advance: Callable[[float], None], times: BlockTimes) -> tuple[dict[str, float], int]:
     """Quantize every SpikingLinear of ``block`` (already in fp32) against the Hessians of its
     calibration ``inputs``; each keeps packed integers and loses its quantizer. Returns
-    ``({name: relative output error}, distinct Hessians)``."""
+    ``({name: relative output error}, distinct Hessians)``: ``(W - Q) H' (W - Q)ᵀ / W H' Wᵀ`` on
+    the damped Hessian H' that GPTQ minimizes, over up to ``ERROR_ROWS`` output rows."""
     layers = {name: m for name, m in block.named_modules() if isinstance(m, SpikingLinear)}
     if not layers:
         raise ConfigError("model", type(block).__name__, "has no SpikingLinear in its blocks: spikify it first")
@@ -126,20 +129,47 @@ def gptq_block(block: nn.Module, index: int, inputs, grid, options: dict, hessia
 
     observe_inputs(block, inputs, {name: hessians.observer(name) for name in layers}, after_batch=batch_done)
     times.forward += time.perf_counter() - began - times.hessian
+    began = time.perf_counter()
+    # the reported error's denominator needs each Hessian, which is freed as soon as it is inverted
+    rows = {name: _sample_rows(layer.out_features) for name, layer in layers.items()}
+    energy = {name: _output_energy(layer.weight.detach()[rows[name]].float(), hessians.hessians[name].accumulator.hessian,
+                                   options["percdamp"]) for name, layer in layers.items()}
     errors = {}
+    static = {id(hessians.hessians[name].accumulator) for name in layers if hasattr(grids[name], "column_grid")}
+    last_reader = {id(hessians.hessians[name].accumulator): name for name in layers}
+    times.quantize += time.perf_counter() - began
     for name, layer in layers.items():
         began = time.perf_counter()
-        original = layer.weight.detach().float().clone()
+        layer_hessian = hessians.hessians[name]
+        accumulator = layer_hessian.accumulator
+        last = last_reader[id(accumulator)] == name
         layer.weight_quantizer = None
-        result = hessians.hessians[name].quantize(grids[name], **options)
+        result = layer_hessian.quantize(grids[name], release=id(accumulator) not in static or last, **options)
         layer.packed = _pack(result, grids[name])
-        H = hessians.hessians[name].accumulator.hessian.float()
-        delta = original.sub_(layer.weight.float())
-        weight = layer.weight.float()
-        errors[name] = float(((delta @ H) * delta).sum() / ((weight @ H) * weight).sum().clamp_min(1e-30))
+        errors[name] = float(result.row_loss[rows[name]].sum() / energy[name])
+        if last:  # no other layer reads this input: its Hessian and inverse go
+            accumulator.free()
         times.quantize += time.perf_counter() - began
         advance(1)
     return errors, hessians.distinct
+
+
+ERROR_ROWS = 128  # output rows the reported error is measured on: O(rows · in²), not O(out · in²)
+
+
+def _sample_rows(out_features: int) -> Tensor:
+    """Evenly spaced output rows (all of them when there are few)."""
+    if out_features <= ERROR_ROWS:
+        return torch.arange(out_features)
+    return torch.linspace(0, out_features - 1, ERROR_ROWS).round().long()
+
+
+def _output_energy(weight: Tensor, hessian: Tensor, percdamp: float) -> Tensor:
+    """``W H' Wᵀ`` summed, on the damped Hessian ``H' = H + percdamp · mean(diag H) · I``, for the
+    rows given: the denominator of the relative error (GPTQ's ``row_loss`` is on H' too)."""
+    H = hessian.float()
+    damp = percdamp * torch.diag(H).mean()
+    return ((weight @ H) * weight).sum() + damp * weight.square().sum()
 
 
 @torch.no_grad()
@@ -153,7 +183,8 @@ def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 1
     scales in ``packed``, and no quantizer. A model stored in another dtype (bf16) computes each
     block in fp32 and keeps the quantized ones packed. Returns ``{layer name: relative output
     error ||X(W - Q)ᵀ||² / ||XWᵀ||²}`` on the calibration inputs, the figure GPTQ minimizes.
-    ``resume``: start at a later block (and report each finished one).
+    ``resume``: start at a later block (and report each finished one). The errors are measured
+    on up to ``ERROR_ROWS`` evenly spaced output rows of each layer (all rows of a small layer).
     """
     was_training = model.training
     model.eval()
@@ -184,6 +215,7 @@ def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 1
                         advance(1)
                     times.forward += time.perf_counter() - began
                 inputs.hidden = hidden
+                release_memory()
                 errors.update({f"{index}.{name}": value for name, value in block_errors.items()})
                 info = {"errors": block_errors, "hessians": distinct, **times.as_dict()}
                 log.info("GPTQ block %d/%d: mean relative output error %.3g; %d Hessians; %.1f s forward, "

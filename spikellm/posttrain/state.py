@@ -95,9 +95,9 @@ class ConversionState:
     def finish_stage(self, name: str, summary: dict, ctx, snapshot: bool) -> None:
         """Record ``summary`` and the activation thresholds; with ``snapshot`` (another stage
         follows) the whole model's tensors too, which replace the stage's blocks."""
-        if snapshot:
+        if snapshot:  # what is still in the source file stays there
             layers = _layers(ctx.model)
-            records, tensors = stored_tensors(ctx.model, layers)
+            records, tensors = stored_tensors(ctx.model, layers, skip_on_disk=True)
             with atomic_directory(self.directory / name / "model", overwrite=True) as tmp:
                 write_tensors(tmp, tensors)
                 (tmp / "layers.json").write_text(json.dumps(records))

@@ -43,6 +43,24 @@ class HessianAccumulator:
         total = self.count + n
         self.hessian.mul_(self.count / total).addmm_(rows.T, rows, alpha=2.0 / total)
         self.count = total
+        self._prepared = {}
+
+    def prepared(self, percdamp: float, act_order: bool, release: bool = False) -> "PreparedHessian":
+        """:func:`prepare_hessian` of this Hessian, computed once for every layer that shares it;
+        ``release``: the Hessian itself is not needed afterwards, and is dropped before inverting
+        (a 5632-wide Hessian is 127 MB; the inversion then holds two such matrices, not four)."""
+        cache = self.__dict__.setdefault("_prepared", {})
+        key = (float(percdamp), bool(act_order))
+        if key not in cache:
+            holder = [self.hessian]
+            if release:
+                self.hessian = None
+            cache[key] = prepare_hessian(holder, percdamp, act_order)
+        return cache[key]
+
+    def free(self) -> None:
+        """Drop the Hessian and its inverse (the last layer that reads this input is quantized)."""
+        self.hessian, self._prepared = None, {}
 
 
 @dataclass
@@ -59,6 +77,9 @@ class GPTQResult:
     integers: Tensor
     scales: Tensor
     group_index: Tensor
+    # per output row, the increase of GPTQ's objective ``(W - Q) H' (W - Q)ᵀ`` on the damped
+    # Hessian H' (Σ_j ((w_j - q_j) / [U]_jj)², Optimal Brain Surgeon's exact step costs)
+    row_loss: Tensor | None = None
 
 
 def _row_scale(quantizer: RoundToNearest, columns: Tensor) -> Tensor:
@@ -66,121 +87,170 @@ def _row_scale(quantizer: RoundToNearest, columns: Tensor) -> Tensor:
     return columns.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / quantizer.max_int
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ derives from a Hessian before touching a weight, shared by every layer that reads
+    the same input (q/k/v, gate/up): the dead inputs, the act-order permutation and the upper
+    Cholesky factor of the damped, permuted ``H⁻¹``."""
+
+    dead: Tensor
+    perm: Tensor | None
+    hinv: Tensor
+
+
 @torch.no_grad()
-def gptq_quantize_detailed(weight: Tensor, hessian: Tensor, quantizer: RoundToNearest, block_size: int = 128,
-                           percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
+def prepare_hessian(hessian: Tensor | list, percdamp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """:class:`PreparedHessian` of ``hessian [in, in]`` (GPTQ's preamble): dead inputs (``H_ii = 0``)
+    get ``H_ii = 1``; with ``act_order`` columns go by descending ``diag H``; ``percdamp · mean(diag H)``
+    is added to the diagonal; the inversion runs in the Hessian's own precision (fp32 as GPTQ's
+    reference, float64 for a float64 Hessian), retried in float64 if fp32 fails. ``hessian`` may be
+    a one-element list holding its only reference, which is then freed as early as possible."""
+    percdamp = check_float("percdamp", percdamp, 0.0, 1.0)
+    act_order = check_bool("act_order", act_order)
+    # a list holding the only reference lets the inversion free each matrix as soon as it is used
+    holder = hessian if isinstance(hessian, list) else [hessian]
+    hessian = holder.pop()
+    diagonal = torch.diag(hessian)
+    dead = diagonal == 0
+    perm = torch.argsort(torch.where(dead, 1.0, diagonal), descending=True, stable=True) if act_order else None
+    H = hessian.detach().to(torch.float64 if hessian.dtype == torch.float64 else torch.float32)
+    H = H.index_select(0, perm) if perm is not None else H.clone()
+    del hessian
+    if perm is not None:
+        H = H.index_select(1, perm)
+    order_dead = dead if perm is None else dead[perm]
+    H.diagonal()[order_dead] = 1.0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    holder.append(H)
+    del H
+    return PreparedHessian(dead, perm, _inverse_cholesky(holder))
+
+
+@torch.no_grad()
+def gptq_quantize_detailed(weight: Tensor, hessian: Tensor | None, quantizer: RoundToNearest, block_size: int = 128,
+                           percdamp: float = 0.01, act_order: bool = False,
+                           prepared: PreparedHessian | None = None) -> GPTQResult:
     """GPTQ of ``weight [out, in]`` against ``hessian [in, in]`` onto ``quantizer``'s grid.
 
     Dead inputs (``H_ii = 0``: a channel that is always zero) get a zero weight column and
     ``H_ii = 1``. ``percdamp · mean(diag H)`` is added to the diagonal before inverting. With
     ``act_order`` columns are processed by descending ``diag H`` and put back at the end. With
     ``quantizer.group_size`` each group's scale is taken, when its first column is reached, from
-    the group's weights as updated so far (the reference's ``static_groups=False``).
+    the group's weights as updated so far (the reference's ``static_groups=False``). ``prepared``
+    (:func:`prepare_hessian` of the same Hessian and settings) skips the inversion, for layers
+    that share their input.
 
     ``quantizer`` may instead be a static grid, any object with ``column_grid(weight, hessian) ->
     (scales [out, in], max_ints [in])`` (:class:`~spikellm.quant.ternary.TernaryAbsMean`,
     :class:`~spikellm.quant.ternary.TernaryGIFGrid`): column j is rounded onto
     ``scales[:, j] · {-max_ints[j] … max_ints[j]}``, all fixed before the first column is quantized.
+
+    The column loop runs on the transposed weight, so that each column is a contiguous row.
     """
     static = hasattr(quantizer, "column_grid")
     if not static and not isinstance(quantizer, RoundToNearest):
         raise ConfigError("quantizer", type(quantizer).__name__,
                           "GPTQ needs a RoundToNearest grid or one with column_grid() (TernaryAbsMean, TernaryGIFGrid)")
     block_size = check_int("block_size", block_size, 1)
-    percdamp = check_float("percdamp", percdamp, 0.0, 1.0)
-    act_order = check_bool("act_order", act_order)
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
+    if weight.dim() != 2 or (hessian is not None and hessian.shape != (weight.shape[1], weight.shape[1])):
+        raise ValueError(f"weight {tuple(weight.shape)} and Hessian "
+                         f"{None if hessian is None else tuple(hessian.shape)} do not match")
     out_features, columns = weight.shape
     group = None if static else quantizer.group_size
     if group is not None and columns % group:
         raise ConfigError("group_size", group, f"must divide the layer width {columns}")
+    prepared = prepared or prepare_hessian(hessian, percdamp, act_order)
+    dead, perm, hinv = prepared.dead, prepared.perm, prepared.hinv
 
-    W = weight.detach().clone().float()
-    # the inversion runs in the Hessian's own precision: fp32 as GPTQ's reference does (a float64
-    # Hessian, as the tests build, is inverted in float64)
-    H = hessian.detach().clone().to(W.device, torch.float64 if hessian.dtype == torch.float64 else torch.float32)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    W = weight.detach().float().clone()
     W[:, dead] = 0.0
-
     if static:  # a scale and a level count per column, fixed up front from the weight (and H)
-        column_scales, column_max_ints = quantizer.column_grid(W, H)
+        column_scales, column_max_ints = quantizer.column_grid(W, hessian)
         column_scales, column_max_ints = column_scales.float().to(W.device), column_max_ints.to(W.device)
+        scale = None
     else:
         column_max_ints = torch.full((columns,), quantizer.max_int, device=W.device)
         scale = None if group is not None else _row_scale(quantizer, W)  # per channel: once, up front
-        column_scales = None if group is not None else scale.expand(-1, columns)
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        column_scales = None
+    if perm is not None:
+        W = W[:, perm]
         column_max_ints = column_max_ints[perm]
         column_scales = None if column_scales is None else column_scales[:, perm]
-
-    diag = torch.arange(columns, device=H.device)
-    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
-    hinv = _inverse_cholesky(H)
-
-    Q = torch.zeros_like(W)
-    integers = torch.zeros_like(W)
+    tops = column_max_ints.tolist()
+    # rows of the transposed matrices are the columns of the weight: contiguous, cache-friendly
+    Wt = W.t().contiguous()
+    del W
+    scales_t = None if column_scales is None else column_scales.t().contiguous()
+    row_scale = None if scale is None else scale.reshape(-1)
+    Qt, integers_t = torch.empty_like(Wt), torch.empty_like(Wt)
+    row_loss = torch.zeros(out_features, dtype=torch.float64, device=Wt.device)
     group_scales = []  # in processing order
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # a view: the updates below land in Wt
+        Err1 = torch.empty_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if group is not None and col % group == 0:
-                # the group's current weights: in this block from W1, beyond it from W plus the
+                # the group's current weights: in this block from W1, beyond it from Wt plus the
                 # block's updates not yet applied there
                 end = col + group
-                current = W1[:, i:min(end, i2) - i1]
+                current = W1[i:min(end, i2) - i1]
                 if end > i2:
-                    pending = W[:, i2:end] - Err1[:, :i] @ hinv[i1:col, i2:end]
-                    current = torch.cat((current, pending), dim=1)
-                scale = _row_scale(quantizer, current)
-                group_scales.append(scale)
-            w = W1[:, i]
-            if column_scales is not None:
-                scale = column_scales[:, col:col + 1]
-            top = int(column_max_ints[col])
-            q_int = round_half_up(w.unsqueeze(1) / scale).clamp(-top, top)
-            q = (q_int * scale).squeeze(1)
-            integers[:, col] = q_int.squeeze(1)
-            Q[:, col] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+                    pending = Wt[i2:end] - hinv[i1:col, i2:end].t() @ Err1[:i]
+                    current = torch.cat((current, pending), dim=0)
+                row_scale = _row_scale(quantizer, current.t()).reshape(-1)
+                group_scales.append(row_scale.reshape(-1, 1))
+            w = W1[i]
+            step = scales_t[col] if scales_t is not None else row_scale
+            q_int = round_half_up(w / step).clamp_(-tops[col], tops[col])
+            integers_t[col] = q_int
+            q = q_int.mul_(step)
+            Qt[col] = q
+            err = w.sub(q).div_(Hinv1[i, i])
+            Err1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1.0)
+        row_loss += Err1.square().sum(0, dtype=torch.float64)
+        if i2 < columns:
+            Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    del Wt, Err1
+    Q, integers = Qt.t(), integers_t.t()
+    del Qt, integers_t
 
     if static:  # one "group" per column
         scales = column_scales
-        group_index = torch.arange(columns, device=W.device)
+        group_index = torch.arange(columns, device=Q.device)
     elif group is None:
         scales = scale
-        group_index = torch.zeros(columns, dtype=torch.long, device=W.device)
+        group_index = torch.zeros(columns, dtype=torch.long, device=Q.device)
     else:
         scales = torch.cat(group_scales, dim=1)
-        group_index = torch.arange(columns, device=W.device) // group  # in processing order
+        group_index = torch.arange(columns, device=Q.device) // group  # in processing order
     if perm is not None:
         inverse = torch.argsort(perm)
         Q, integers, group_index = Q[:, inverse], integers[:, inverse], group_index[inverse]
         if static:
-            scales, group_index = scales[:, inverse], torch.arange(columns, device=W.device)
-    return GPTQResult(Q.to(weight.dtype), integers, scales, group_index)
+            scales, group_index = scales[:, inverse], torch.arange(columns, device=Q.device)
+    return GPTQResult(Q.contiguous().to(weight.dtype), integers.contiguous(), scales, group_index, row_loss)
 
 
-def _inverse_cholesky(H: Tensor) -> Tensor:
-    """The upper Cholesky factor of ``H⁻¹`` (fp32): in H's precision, retried in float64 when an
-    fp32 factorisation fails (a Hessian too ill-conditioned for single precision)."""
-    for attempt in (H, H.double()) if H.dtype != torch.float64 else (H,):
-        factor, info = torch.linalg.cholesky_ex(attempt)
+def _inverse_cholesky(holder: list) -> Tensor:
+    """The upper Cholesky factor of ``H⁻¹`` (fp32) for the ``H`` in ``holder`` (consumed: each
+    n×n matrix is dropped once used), in H's precision, retried in float64 when an fp32
+    factorisation fails (a Hessian too ill-conditioned for single precision)."""
+    H = holder.pop()
+    for precision in (H.dtype, torch.float64) if H.dtype != torch.float64 else (H.dtype,):
+        factor, info = torch.linalg.cholesky_ex(H.to(precision))
         if int(info) == 0:
-            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            del H
+            factor = torch.cholesky_inverse(factor)
+            factor, info = torch.linalg.cholesky_ex(factor, upper=True)
             if int(info) == 0:
-                return inverse.float()
+                return factor.float()
+            raise ValueError("the inverse of the damped Hessian is not positive definite; raise percdamp")
+        del factor
     raise ValueError("the damped Hessian is not positive definite; raise percdamp")
 
 
@@ -215,11 +285,14 @@ class LayerHessian:
         self.accumulator.add_batch(x)
 
     @torch.no_grad()
-    def quantize(self, quantizer, **kw) -> GPTQResult:
-        """Overwrite the layer's weight with its GPTQ quantization (see :func:`gptq_quantize_detailed`)."""
+    def quantize(self, quantizer, release: bool = False, **kw) -> GPTQResult:
+        """Overwrite the layer's weight with its GPTQ quantization (see :func:`gptq_quantize_detailed`);
+        ``release``: no later layer needs this Hessian (its inverse is kept for the layers sharing it)."""
         if self.accumulator.count == 0:
             raise ValueError("GPTQ needs at least one calibration input per layer")
-        result = gptq_quantize_detailed(self.layer.weight, self.accumulator.hessian, quantizer, **kw)
+        prepared = self.accumulator.prepared(kw.get("percdamp", 0.01), kw.get("act_order", False),
+                                             release=release and not hasattr(quantizer, "column_grid"))
+        result = gptq_quantize_detailed(self.layer.weight, self.accumulator.hessian, quantizer, **kw, prepared=prepared)
         self.layer.weight.copy_(result.weight)
         return result
 
