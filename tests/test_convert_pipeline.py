@@ -17,6 +17,13 @@ from spikellm.checkpoints.converted import RECORD, read_record
 from spikellm.posttrain.pipeline import run_conversion, validation_ppl
 from spikellm.sparsity import gates
 from spikellm.training.pipeline import converts
+from spikellm.checkpoints.shards import TensorFiles
+from spikellm.errors import Interrupted
+from spikellm.generation import generate
+from spikellm.posttrain import omniquant, sequential
+from spikellm.posttrain.omniquant import LearnableClipping
+from spikellm.posttrain.state import ConversionState
+from spikellm.quant import RoundToNearest, TernaryAbsMean
 
 EXPERIMENTS = ["spikellm_w4a4", "spikellm_ternary", "sdllm_w4", "sparsify", "hf_qat"]
 POSITIONS = 128
@@ -106,8 +113,30 @@ def _spiking(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SpikingLinear)}
 
 
+QUANTIZERS = (RoundToNearest, TernaryAbsMean, LearnableClipping)
+
+
+def _decodes_without_quantizing(model_dir, record, monkeypatch):
+    """Issue 22: the output stores quantized projections packed, and decoding it never quantizes a
+    weight (a quantizer per forward made a 1.1B model 100x slower)."""
+    files = TensorFiles(model_dir)
+    quantized = [name for name, info in record["layers"].items() if info["weight_format"] != "float"]
+    for name in quantized:
+        assert f"{name}.qweight" in files and f"{name}.weight" not in files, name
+    loaded = load_model(model_dir)
+    calls = []
+    for cls in QUANTIZERS:
+        for method in ("forward", "scales_and_integers"):
+            real = getattr(cls, method)
+            monkeypatch.setattr(cls, method, lambda self, *a, real=real, **k: calls.append(1) or real(self, *a, **k))
+    run = generate(loaded.model, [[3, 4, 5]], max_new_tokens=3)
+    assert len(run.tokens[0]) == 3 and calls == []
+    monkeypatch.undo()
+    return quantized
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_converts_llama(hf_dirs, tmp_path, experiment):
+def test_every_experiment_converts_llama(hf_dirs, tmp_path, experiment, monkeypatch):
     cfg = _cfg(experiment, hf_dirs["llama"], tmp_path / "run")
     assert converts(cfg)
     result = run_conversion(cfg)
@@ -115,6 +144,8 @@ def test_every_experiment_converts_llama(hf_dirs, tmp_path, experiment):
         assert 1 < ppl < 10 * 512  # a random model over a 512-token vocabulary
     model, record = _check_saved(cfg, result, "llama")
     layers = _spiking(model)
+    packed = _decodes_without_quantizing(result.model_dir, record, monkeypatch)
+    assert len(packed) == (0 if experiment == "sparsify" else 14)
     if experiment == "spikellm_w4a4":
         assert result.stages["obs"]["layers"] == 14
         block = result.stages["block"]
@@ -269,3 +300,62 @@ def test_train_py_without_a_model_dir(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith("error: model.hf_path="), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+
+
+def _tensors(directory) -> dict:
+    files = TensorFiles(directory)
+    return {name: files.get(name) for name in files.names()}
+
+
+@pytest.mark.parametrize("experiment, stage", [("sdllm_w4", "gptq"), ("spikellm_w4a4", "block")])
+def test_an_interrupted_conversion_resumes_at_the_next_block(hf_dirs, tmp_path, monkeypatch, experiment, stage):
+    """Ctrl-C after block 0 of a block-by-block stage keeps it; the same command goes on at block 1
+    and writes the very model an uninterrupted conversion writes."""
+    cfg = _cfg(experiment, hf_dirs["llama"], tmp_path / "run")
+    real_save = ConversionState.save_block
+
+    def interrupted(self, name, index, *args):
+        real_save(self, name, index, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConversionState, "save_block", interrupted)
+    with pytest.raises(Interrupted) as raised:
+        run_conversion(cfg)
+    message = str(raised.value)
+    assert f"stage {stage}: 1 blocks finished" in message and f"hydra.run.dir={tmp_path / 'run'}" in message
+    assert not (tmp_path / "run" / "spiking_model").exists()
+    monkeypatch.setattr(ConversionState, "save_block", real_save)
+    ran = []
+    for module, name in ((sequential, "gptq_block"), (omniquant, "calibrate_block")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda block, inputs_or_index, *a, real=real, **k: ran.append(1) or real(
+            block, inputs_or_index, *a, **k))
+    resumed = run_conversion(cfg)
+    assert len(ran) == 1  # block 1 only
+    assert not (tmp_path / "run" / "conversion_state").exists()
+    fresh = run_conversion(_cfg(experiment, hf_dirs["llama"], tmp_path / "fresh"))
+    assert resumed.final_ppl == fresh.final_ppl
+    mine, theirs = _tensors(resumed.model_dir), _tensors(fresh.model_dir)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_kept_state_of_another_configuration_is_refused(hf_dirs, tmp_path, monkeypatch):
+    cfg = _cfg("sdllm_w4", hf_dirs["llama"], tmp_path / "run")
+    monkeypatch.setattr(ConversionState, "save_block", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(Interrupted):
+        run_conversion(cfg)
+    monkeypatch.undo()
+    other = _cfg("sdllm_w4", hf_dirs["llama"], tmp_path / "run", "neuron.weight_quantizer.bits=3")
+    with pytest.raises(ConfigError) as raised:
+        run_conversion(other)
+    assert raised.value.key == "convert.resume" and "convert.resume=false" in str(raised.value)
+    fresh = run_conversion(_cfg("sdllm_w4", hf_dirs["llama"], tmp_path / "run", "neuron.weight_quantizer.bits=3",
+                                "convert.resume=false"))
+    assert fresh.model_dir.is_dir() and fresh.stages["gptq"]["layers"] == 14
+
+
+def test_gptq_shares_one_hessian_per_input(hf_dirs, tmp_path):
+    """q/k/v read one tensor and gate/up another: 4 Hessians per LLaMA block, not 7."""
+    result = run_conversion(_cfg("sdllm_w4", hf_dirs["llama"], tmp_path / "run"))
+    assert result.stages["gptq"]["hessians_per_block"] == 4
+    assert result.stages["gptq"]["time_over_forward"] > 1

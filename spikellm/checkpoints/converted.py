@@ -96,14 +96,13 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32) -> tupl
         model = transformers.AutoModelForCausalLM.from_config(config)
     spikify_from_config(model, record.get("neuron"))
     where = files.directory / "model.safetensors"
-    packed = read_packed(files, record.get("layers") or {}, where)
-    if dtype is None:
-        dtype = next((files.dtype(n) for n in files.names() if files.dtype(n).is_floating_point
-                      and not is_packed_tensor(n, packed)), torch.float32)
-    plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
     expected = set(model.state_dict())
     try:
         with files.progress(f"loading {directory.name}"):
+            packed = read_packed(files, record.get("layers") or {}, where)
+            plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
+            if dtype is None:  # as stored: the dtype of the tensors kept as they were
+                dtype = next((files.dtype(n) for n in plain if files.dtype(n).is_floating_point), torch.float32)
             unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
     except ValueError as error:
         raise DataError(f"{where} does not match the model {RECORD} describes: {error}") from None

@@ -148,7 +148,8 @@ def fill_from_files(model: nn.Module, directory: Path, dtype: torch.dtype, prefi
     later = [(ours, theirs) for ours, theirs in names if ours is not None and on_disk is not None and on_disk(ours)]
     now = [(ours, theirs) for ours, theirs in names if ours is not None and (ours, theirs) not in later]
     try:
-        unexpected = assign_parameters(model, ((ours, files.get(theirs)) for ours, theirs in now), dtype=dtype)
+        with files.progress(f"loading {directory.name}"):
+            unexpected = assign_parameters(model, ((ours, files.get(theirs)) for ours, theirs in now), dtype=dtype)
         # an empty stand-in of the file's shape now (checked against the model's), the values when needed
         unexpected += assign_parameters(model, ((ours, torch.zeros((), dtype=dtype).expand(files.shape(theirs)))
                                                 for ours, theirs in later))

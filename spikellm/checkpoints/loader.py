@@ -5,6 +5,7 @@ users call this and nothing else."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     from spikellm.checkpoints.hf import parse_dtype
     from spikellm.nn.spiking_linear import fold_weight_quantizers
 
+    began = time.perf_counter()
     fmt = detect_format(path, key)
     path = Path(path).expanduser()
     if neuron is not None and fmt in ("spiking", "converted"):
@@ -84,7 +86,6 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     dtype = parse_dtype(dtype, "dtype")
     if dtype is None and torch.device(device).type == "cpu":
         dtype = torch.float32  # CPUs compute bf16 slowly or not at all; the stored dtype on a GPU
-    log.info("loading %s (%s) as %s", path, fmt, "stored dtype" if dtype is None else str(dtype).removeprefix("torch."))
     if fmt == "spiking":
         loaded = _load_spiking(path, device, backend, dtype)
     elif fmt == "lightning":
@@ -99,6 +100,10 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     loaded.format = fmt
     fold_weight_quantizers(loaded.model)
     loaded.model.to(device).eval()
+    parameters = list({id(p): p for p in loaded.model.parameters()}.values())
+    log.info("loaded %s: %.3g B parameters, %.2f GB, in %.1f s", path.name,
+             sum(p.numel() for p in parameters) / 1e9, sum(p.numel() * p.element_size() for p in parameters) / 1e9,
+             time.perf_counter() - began)
     return loaded
 
 

@@ -12,6 +12,7 @@ the model and one tensor more, never a shard, a second copy, or pages of the fil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ import torch
 from torch import Tensor
 
 from spikellm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -193,6 +196,8 @@ class TensorFiles:
         """A progress bar (bytes, rate, time left) over reading every tensor, for large files."""
         from spikellm.data.tokens import progress
 
+        log.info("%s: %d tensors, %.2f GB in %d file(s)", description, len(self._entries), self.nbytes / 1e9,
+                 len({entry[0] for entry in self._entries.values()}))
         with progress(description, self.nbytes) as advance:
             self._advance = advance
             try:

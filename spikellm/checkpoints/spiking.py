@@ -160,11 +160,12 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
             raise DataError(f"{directory}: layer {name!r} is recorded with rotate={info.get('rotate')} but the model "
                             "rotates its layers uniformly; mixed rotation is not a format this spikellm reads")
     weights = files.directory / WEIGHTS
-    packed = read_packed(files, config["layers"], weights)
     expected = set(model.state_dict())
-    plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
     try:
-        unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
+        with files.progress(f"loading {directory.name}"):
+            packed = read_packed(files, config["layers"], weights)
+            plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
+            unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
     except ValueError as error:  # a shape mismatch: config.json describes another model than the weights
         raise DataError(f"{weights} does not match config.json: {error}") from None
     for name in packed:

@@ -9,17 +9,20 @@ after the first is predicted once, with up to ``seqlen - stride`` tokens of extr
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikellm.checks import check_int
 from spikellm.errors import ConfigError, DataError
 from spikellm.progress import per_block, progress_bar
+
+log = logging.getLogger(__name__)
+LOGITS_BYTES = 512 << 20  # at most this much fp32 logits per forward (windows per batch are cut to fit)
 
 
 @dataclass
@@ -62,6 +65,13 @@ def perplexity(model: nn.Module, tokens: Tensor, seqlen: int, stride: int | None
         raise DataError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of seqlen={seqlen}; "
                         "lower seqlen or use a longer split")
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(
+        getattr(getattr(model, "config", None), "hf", None), "vocab_size", 0)
+    fits = max(1, LOGITS_BYTES // max(1, seqlen * vocab * 4))
+    if batch_size > fits:  # 8 windows of 2,048 tokens over 32,000 words are 2 GB of logits
+        log.info("perplexity: %d windows per forward instead of %d (their logits would take %.1f GB)", fits,
+                 batch_size, batch_size * seqlen * vocab * 4 / 1e9)
+        batch_size = fits
     total_nll, total_tokens = 0.0, 0
     batches = range(0, len(windows), batch_size)
     with ExitStack() as stack:
@@ -101,10 +111,17 @@ def _batch_nll(model: nn.Module, tokens: Tensor, group: list, device) -> tuple[f
         ids[row, : end - start] = tokens[start:end]
         scored[row, from_position: end - start] = True
     ids, scored = ids.to(device), scored.to(device)
-    logits = model(ids).float()
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    mask = scored[:, 1:].flatten()
-    return nll[mask].sum(dtype=torch.float64).item(), int(mask.sum())
+    logits = model(ids)
+    total = 0.0
+    # NLL = logsumexp − the target's logit, a few hundred positions at a time: no copy of the logits
+    for row in range(len(group)):
+        for start in range(0, length - 1, 256):
+            end = min(start + 256, length - 1)
+            chunk = logits[row, start:end].float()
+            targets = ids[row, start + 1:end + 1]
+            nll = torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, targets[:, None]).squeeze(-1)
+            total += nll[scored[row, start + 1:end + 1]].sum(dtype=torch.float64).item()
+    return total, int(scored[:, 1:].sum())
 
 
 def evaluation_text(dataset: str, seed: int = 0, val_fraction: float = 0.05) -> str:

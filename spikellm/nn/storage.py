@@ -226,6 +226,8 @@ def compute_in(model: nn.Module, blocks: Iterable[nn.Module], dtype: torch.dtype
         contexts = active.get(id(module))
         if contexts:
             contexts.pop().__exit__(None, None, None)
+            if id(module) in order:  # a block's fp32 copy is gone: give it back before the next one
+                trim_heap()
         if isinstance(module, nn.Embedding) and output.is_floating_point() and output.dtype != dtype:
             return output.to(dtype)
         return None
@@ -258,11 +260,24 @@ def _cast_inputs(args: tuple, kwargs: dict, dtype: torch.dtype):
 def release_memory() -> None:
     """Give freed memory back to the system: a conversion frees a block's fp32 copy, Hessians and
     activations after every block, and glibc would otherwise keep much of it in its heap."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    trim_heap()
+
+
+_LIBC = []
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim(0)`` (a few ms): freed tensors under its mmap threshold (32 MB) stay in
+    its heap otherwise, and a forward over 22 blocks read one at a time grows it by gigabytes."""
+    import ctypes
+
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)

@@ -131,6 +131,8 @@ class GPTQ:
         return {"layers": len(errors), "mean_relative_error": sum(errors.values()) / len(errors),
                 "grid": repr(self.grid) if self.grid is not None else "neuron.weight_quantizer",
                 "hessians_per_block": max((info["hessians"] for info in blocks), default=0), **seconds,
+                "per_block": [{key: info[key] for key in ("forward_s", "hessian_s", "quantize_s")} for _, info in
+                              sorted(resume.infos.items())],
                 # what GPTQ costs against the two forward passes per block it needs
                 "time_over_forward": round(sum(seconds.values()) / max(seconds["forward_s"], 1e-9), 3)}
 
