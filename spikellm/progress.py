@@ -48,7 +48,10 @@ def progress_bar(description: str, total: float, enabled: bool = True) -> Iterat
 def per_block(blocks, advance: Advance, amount: float = 1.0) -> Iterator[None]:
     """``advance(amount)`` each time one of ``blocks`` (decoder blocks) finishes a forward: a bar
     over a billion-parameter forward moves every block, not once per batch."""
-    handles = [block.register_forward_hook(lambda module, args, output: advance(amount)) for block in blocks]
+    def hook(module, args, output) -> None:  # returns None: the block's output stays as it is
+        advance(amount)
+
+    handles = [block.register_forward_hook(hook) for block in blocks]
     try:
         yield
     finally:

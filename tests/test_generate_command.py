@@ -88,3 +88,26 @@ def test_the_command_prints_speed_and_energy(tmp_path):
     assert "tokens/s" in done.stderr and "µJ per generated token" in done.stderr and "spikes per" in done.stderr
     bad = run_script("generate.py", f"ckpt={CKPT}", "prompt=x", "top_p=0", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "top_p" in bad.stderr
+
+
+def test_ctrl_c_keeps_the_prompts_already_generated(tmp_path, monkeypatch):
+    """Issue 22: Ctrl-C during a file of prompts writes the finished ones and says so in one line."""
+    import spikellm.generation
+    from spikellm.errors import Interrupted
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\nclass A:\nx = 1\n")
+    real, calls = spikellm.generation.generation_energy, []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("spikellm.generation.generation_energy", interrupted_second_batch)
+    with pytest.raises(Interrupted) as raised:
+        run_generation(config(tmp_path, f"prompts={prompts}", "batch_size=1"))
+    output = tmp_path / "generations.jsonl"
+    assert f"1 of 3 prompts were generated and are written to {output}" in str(raised.value)
+    assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["import os"]

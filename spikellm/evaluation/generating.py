@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spikellm.config import build
-from spikellm.errors import ConfigError, DataError
+from spikellm.errors import ConfigError, Interrupted, DataError
 
 
 @dataclass
@@ -83,13 +83,23 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     streamed = _Stream(tokenizer, out, prompts[0]) if cfg.prompt is not None else None
     records, generated, seconds, reports = [], 0, 0.0, []
     size = max(1, int(cfg.batch_size))
+    def write(records: list[dict]) -> str:
+        return str(atomic_write_text(Path(cfg.output).expanduser(),
+                                     "".join(json.dumps(record) + "\n" for record in records)))
+
     for start in range(0, len(encoded), size):
         batch = encoded[start:start + size]
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + start)
         began = time.perf_counter()
-        with torch.inference_mode():
-            run = generation_energy(loaded.model, batch, cost=cost, generator=generator,
-                                    streamer=streamed, **options)
+        try:
+            with torch.inference_mode():
+                run = generation_energy(loaded.model, batch, cost=cost, generator=generator,
+                                        streamer=streamed, **options)
+        except KeyboardInterrupt:  # Ctrl-C: the finished batches are kept
+            if cfg.prompts is None or not records:
+                raise
+            raise Interrupted(f"{len(records)} of {len(prompts)} prompts were generated and are written to "
+                              f"{write(records)}") from None
         seconds += time.perf_counter() - began
         reports.append(run)
         for prompt, tokens, reason in zip(prompts[start:start + size], run.result.tokens, run.result.stop_reasons):
@@ -98,10 +108,7 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
             records.append({"prompt": prompt, "completion": text, "new_tokens": len(tokens), "stop_reason": reason})
     if streamed is not None:
         streamed.finish()
-    output = None
-    if cfg.prompts is not None:
-        output = str(atomic_write_text(Path(cfg.output).expanduser(),
-                                       "".join(json.dumps(record) + "\n" for record in records)))
+    output = write(records) if cfg.prompts is not None else None
     return GenerationRun(records, generated / seconds if seconds else 0.0, _energy(reports), output)
 
 
@@ -158,7 +165,7 @@ def print_generation(run: GenerationRun) -> None:
     energy = run.energy
     spikes = energy.get("spikes_per_activation")
     console = Console(stderr=True, soft_wrap=True)
-    console.print(f"{energy['generated_tokens']} tokens at {run.tokens_per_second:.1f} tokens/s (energy counter on); "
+    console.print(f"{energy['generated_tokens']} tokens at {run.tokens_per_second:.3g} tokens/s (energy counter on); "
                   f"{energy['uj_per_token']:.2f} µJ per generated token, dense {energy['dense_uj_per_token']:.2f} µJ "
                   f"({energy['ratio_to_dense']:.3f}×) on {energy['cost_model']}; "
                   + (f"{spikes:.3f} spikes per activation" if spikes is not None else "no spiking layers"))

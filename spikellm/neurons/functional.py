@@ -30,7 +30,11 @@ def quantile_bound(magnitude: Tensor, gamma: float) -> Tensor:
     if gamma >= 1.0:
         return absmax
     k = max(1, min(magnitude.shape[-1], math.ceil(gamma * magnitude.shape[-1])))
-    quantile = magnitude.kthvalue(k, dim=-1, keepdim=True).values
+    above = magnitude.shape[-1] - k + 1  # the k-th smallest is the smallest of the `above` largest
+    if above <= magnitude.shape[-1] // 8:  # a high quantile: a partial top-k is 2-7x faster than kthvalue
+        quantile = magnitude.topk(above, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    else:
+        quantile = magnitude.kthvalue(k, dim=-1, keepdim=True).values
     return torch.where(quantile == 0, absmax, quantile)
 
 

@@ -343,13 +343,13 @@ def block_calibration(model: nn.Module, samples: Tensor, epochs: int = 20, lwc_l
                 advance(len(hidden))
                 inputs.hidden = hidden
                 release_memory()
-                log.info("block %d/%d: output MSE %.3g -> %.3g", index + 1, len(blocks), result.initial_mse,
-                         result.final_mse)
                 results.append(result)
                 info = {"initial_mse": result.initial_mse, "final_mse": result.final_mse}
                 resume.infos[index] = info
-                if resume.done is not None:
+                if resume.done is not None:  # saved before it is reported: a block said done is kept
                     resume.done(index, block, hidden, info)
+                log.info("block %d/%d: output MSE %.3g -> %.3g", index + 1, len(blocks), result.initial_mse,
+                         result.final_mse)
     finally:
         model.train(was_training)
     if not all(math.isfinite(r.final_mse) for r in results):

@@ -218,13 +218,13 @@ def gptq_model(model: nn.Module, samples: Tensor, grid=None, block_size: int = 1
                 release_memory()
                 errors.update({f"{index}.{name}": value for name, value in block_errors.items()})
                 info = {"errors": block_errors, "hessians": distinct, **times.as_dict()}
+                resume.infos[index] = info
+                if resume.done is not None:  # saved before it is reported: a block said done is kept
+                    resume.done(index, block, hidden, info)
                 log.info("GPTQ block %d/%d: mean relative output error %.3g; %d Hessians; %.1f s forward, "
                          "%.1f s Hessians, %.1f s quantizing", index + 1, len(blocks),
                          sum(block_errors.values()) / len(block_errors), distinct, times.forward, times.hessian,
                          times.quantize)
-                resume.infos[index] = info
-                if resume.done is not None:
-                    resume.done(index, block, hidden, info)
     finally:
         model.train(was_training)
     return errors
