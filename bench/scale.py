@@ -41,7 +41,7 @@ from scale_model import TINYLLAMA, build_model_dir  # noqa: E402
 CALIBRATION = ["convert.calibration.n_samples=8", "convert.calibration.seq_len=512", "data.block_size=512",
                "data.batch_size=1", "convert.eval_batches=2", "logger=none", "callbacks=none"]
 RECIPE_OPTIONS = {  # what keeps a recipe's CPU run to minutes (the defaults are GPU-sized)
-    "spikellm_w4a4": ["convert.stages.block.epochs=2", "convert.stages.obs.samples=2"],
+    "spikellm_w4a4": ["convert.stages.block.epochs=2", "+convert.stages.obs.samples=2"],
     "sparsify": ["convert.stages.sparsify.samples=1", "convert.stages.sparsify.keep=[0.5]"],
     "hf_qat": ["convert.stages.qat.max_steps=2", "trainer.val_check_interval=2", "+trainer.limit_val_batches=1"],
 }

@@ -135,7 +135,6 @@ def gptq_block(block: nn.Module, index: int, inputs, grid, options: dict, hessia
     energy = {name: _output_energy(layer.weight.detach()[rows[name]].float(), hessians.hessians[name].accumulator.hessian,
                                    options["percdamp"]) for name, layer in layers.items()}
     errors = {}
-    static = {id(hessians.hessians[name].accumulator) for name in layers if hasattr(grids[name], "column_grid")}
     last_reader = {id(hessians.hessians[name].accumulator): name for name in layers}
     times.quantize += time.perf_counter() - began
     for name, layer in layers.items():
@@ -144,7 +143,7 @@ def gptq_block(block: nn.Module, index: int, inputs, grid, options: dict, hessia
         accumulator = layer_hessian.accumulator
         last = last_reader[id(accumulator)] == name
         layer.weight_quantizer = None
-        result = layer_hessian.quantize(grids[name], release=id(accumulator) not in static or last, **options)
+        result = layer_hessian.quantize(grids[name], release=True, **options)
         layer.packed = _pack(result, grids[name])
         errors[name] = float(result.row_loss[rows[name]].sum() / energy[name])
         if last:  # no other layer reads this input: its Hessian and inverse go

@@ -165,7 +165,10 @@ def gptq_quantize_detailed(weight: Tensor, hessian: Tensor | None, quantizer: Ro
     W = weight.detach().float().clone()
     W[:, dead] = 0.0
     if static:  # a scale and a level count per column, fixed up front from the weight (and H)
-        column_scales, column_max_ints = quantizer.column_grid(W, hessian)
+        # the diagonal of the damped H⁻¹ from the prepared factor (H⁻¹ = UᵀU: squared column norms)
+        hinv_diag = hinv.square().sum(0)
+        hinv_diag = hinv_diag if perm is None else hinv_diag[torch.argsort(perm)]
+        column_scales, column_max_ints = quantizer.column_grid(W, hessian, hinv_diag=hinv_diag)
         column_scales, column_max_ints = column_scales.float().to(W.device), column_max_ints.to(W.device)
         scale = None
     else:
@@ -290,8 +293,7 @@ class LayerHessian:
         ``release``: no later layer needs this Hessian (its inverse is kept for the layers sharing it)."""
         if self.accumulator.count == 0:
             raise ValueError("GPTQ needs at least one calibration input per layer")
-        prepared = self.accumulator.prepared(kw.get("percdamp", 0.01), kw.get("act_order", False),
-                                             release=release and not hasattr(quantizer, "column_grid"))
+        prepared = self.accumulator.prepared(kw.get("percdamp", 0.01), kw.get("act_order", False), release=release)
         result = gptq_quantize_detailed(self.layer.weight, self.accumulator.hessian, quantizer, **kw, prepared=prepared)
         self.layer.weight.copy_(result.weight)
         return result

@@ -45,7 +45,8 @@ class TernaryAbsMean(WeightQuantizer):
         scale, integers = self.scales_and_integers(weight)
         return straight_through(weight, (integers * scale).reshape(weight.shape), None)
 
-    def column_grid(self, weight: Tensor, hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def column_grid(self, weight: Tensor, hessian: Tensor | None = None, hinv_diag: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
         """GPTQ's static grid: the absmean scale of each row for every column, one level."""
         scale, _ = self.scales_and_integers(weight)
         columns = weight.shape[1]
@@ -67,7 +68,8 @@ class TernaryGIFGrid:
 
     Saliency of column ``j`` (Optimal Brain Surgeon, with the GPTQ Hessian ``H = 2XXᵀ``): the
     loss of zeroing it, ``Σ_i W_ij² / [H⁻¹]_jj``, with ``percdamp · mean(diag H)`` added to H's
-    diagonal before inverting (the damping GPTQ uses).
+    diagonal before inverting (the damping GPTQ uses). Inside GPTQ, the diagonal comes from GPTQ's
+    own damped inverse (its ``percdamp``), computed once.
     """
 
     bits = 2
@@ -81,14 +83,17 @@ class TernaryGIFGrid:
                                       for c in scale_candidates)
         self.ordinary = TernaryAbsMean(per_channel=True)
 
-    def salient_columns(self, weight: Tensor, hessian: Tensor) -> Tensor:
-        """``[in]`` bool mask of the ``ceil(salient_fraction · in)`` most salient columns."""
+    def salient_columns(self, weight: Tensor, hessian: Tensor | None, hinv_diag: Tensor | None = None) -> Tensor:
+        """``[in]`` bool mask of the ``ceil(salient_fraction · in)`` most salient columns; ``hinv_diag``:
+        the diagonal of the damped ``H⁻¹`` when the caller has it (GPTQ's own inverse: a 5632-wide
+        Hessian is not inverted twice), else computed here from ``hessian`` with ``percdamp``."""
         columns = weight.shape[1]
         count = min(columns, math.ceil(round(self.salient_fraction * columns, 9)))
-        H = hessian.detach().to(torch.float64).clone()
-        H.diagonal().add_(self.percdamp * H.diagonal().mean() + 1e-12)
-        hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal()
-        saliency = (weight.detach().double() ** 2).sum(0) / hinv_diag
+        if hinv_diag is None:
+            H = hessian.detach().to(torch.float64).clone()
+            H.diagonal().add_(self.percdamp * H.diagonal().mean() + 1e-12)
+            hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal()
+        saliency = (weight.detach().double() ** 2).sum(0) / hinv_diag.double()
         mask = torch.zeros(columns, dtype=torch.bool, device=weight.device)
         mask[torch.sort(saliency, descending=True, stable=True).indices[:count].to(weight.device)] = True
         return mask
@@ -108,10 +113,10 @@ class TernaryGIFGrid:
                 best_error, best_scale = torch.where(better, error, best_error), torch.where(better, scale, best_scale)
         return best_scale
 
-    def column_grid(self, weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    def column_grid(self, weight: Tensor, hessian: Tensor | None, hinv_diag: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(scales [out, in], max_ints [in])`` for :func:`~spikellm.quant.gptq.gptq_quantize_detailed`."""
         w = weight.detach().float()
-        salient = self.salient_columns(w, hessian)
+        salient = self.salient_columns(w, hessian, hinv_diag)
         max_ints = torch.where(salient, self.salient_terms, 1).long()
         ordinary_part = w[:, ~salient] if (~salient).any() else w
         alpha = ordinary_part.abs().mean(dim=1, keepdim=True).clamp_min(self.ordinary.eps)
