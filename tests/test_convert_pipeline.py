@@ -12,6 +12,7 @@ from spikellm.config import build
 from spikellm.errors import ConfigError
 from spikellm.checkpoints.loader import load_model
 from spikellm.models.hf import LogitsModel
+from spikellm.models.llama import SpikingLlama
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.checkpoints.converted import RECORD, read_record
 from spikellm.posttrain.pipeline import run_conversion, validation_ppl
@@ -96,10 +97,11 @@ def _check_saved(cfg, result, arch: str) -> tuple[torch.nn.Module, dict]:
     assert record["metrics"]["final_ppl"] == pytest.approx(result.final_ppl)
 
     loaded = load_model(model_dir)
-    assert isinstance(loaded.model, LogitsModel) and not loaded.model.training
+    # a LLaMA loads as our own (shared encodings, our KV cache); other architectures as transformers'
+    assert isinstance(loaded.model, SpikingLlama if arch == "llama" else LogitsModel) and not loaded.model.training
     assert loaded.config["hf_model_type"] == arch
     assert loaded.tokenizer.vocab_size == transformers.AutoConfig.from_pretrained(model_dir).vocab_size
-    hf_model = loaded.model.hf_model
+    hf_model = loaded.model if arch == "llama" else loaded.model.hf_model
     assert len(_spiking(hf_model)) == 2 * (6 if arch == "opt" else 7)
     # the very model that was measured: same perplexity on the same validation batches
     datamodule = build(cfg.data, "data", tokenizer_path=str(cfg.model.hf_path))
@@ -190,8 +192,11 @@ def _check_sparsified(model, record, result):
     assert record["thresholds"] and any(value > 0 for value in record["thresholds"].values())
     assert 0 < summary["weighted_sparsity"] < 1
     installed = gates(model)
-    assert set(installed) == set(record["thresholds"]) == set(_spiking(model))
-    for name, value in record["thresholds"].items():
+    # recorded under transformers' names; a LLaMA loaded as our own drops their "model." prefix
+    recorded = {(name.removeprefix("model.") if isinstance(model, SpikingLlama) else name): value
+                for name, value in record["thresholds"].items()}
+    assert set(installed) == set(recorded) == set(_spiking(model))
+    for name, value in recorded.items():
         assert float(installed[name].threshold) == pytest.approx(value)
     assert all(layer.encoder is None for layer in _spiking(model).values())  # neuron=none
 

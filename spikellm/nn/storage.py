@@ -61,8 +61,13 @@ def assign_parameters(model: nn.Module, tensors: Iterable[tuple[str, Tensor]],
             if param is not None:
                 owners.setdefault(id(param), []).append((module, leaf))
     unknown = []
+    placed = [0]
 
     def place(module: nn.Module, leaf: str, tensor: Tensor, cast: bool) -> None:
+        placed[0] += tensor.numel() * tensor.element_size()
+        if placed[0] > TRIM_EVERY:  # what reading and decoding freed goes back as the model fills
+            placed[0] = 0
+            trim_heap()
         if leaf in module._buffers:
             old = module._buffers[leaf]
             _check_shape(module, leaf, old, tensor)
@@ -99,6 +104,9 @@ def assign_parameters(model: nn.Module, tensors: Iterable[tuple[str, Tensor]],
         place(layer, "weight", weight.dequantize(dtype or torch.float32), cast=False)
         layer.packed = weight
     return unknown
+
+
+TRIM_EVERY = 256 << 20  # bytes placed between two heap trims while a model is filled
 
 
 def _check_shape(module: nn.Module, leaf: str, old: Tensor | None, tensor: Tensor) -> None:
@@ -194,6 +202,22 @@ def materialized(module: nn.Module, dtype: torch.dtype = torch.float32, recurse:
                 param.data = param.data.to(original)
                 if read_as is not None:
                     param._spikellm_read = None  # changed: held in memory from now on
+
+
+@torch.no_grad()
+def store_as(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hold ``model`` as a conversion stores it: every weight quantizer folded into packed
+    integers (the projection's store from then on), every other floating-point parameter in
+    ``dtype``. :func:`compute_in` then computes it in fp32 exactly as it is written."""
+    from spikellm.nn.spiking_linear import fold_weight_quantizers
+
+    fold_weight_quantizers(model)
+    for module in model.modules():
+        if isinstance(module, SpikingLinear) and module.packed is not None and not is_released(module):
+            release_packed(module)
+    for param in model.parameters():
+        if param.is_floating_point() and not is_placeholder(param) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def weight_units(model: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Module]:

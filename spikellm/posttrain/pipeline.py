@@ -27,10 +27,10 @@ from torch import nn
 from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
 from spikellm.errors import ConfigError, Interrupted
-from spikellm.checkpoints.hf import check_hf_dir, hf_config
+from spikellm.checkpoints.hf import check_hf_dir, hf_config, stored_dtype
 from spikellm.models.hf import causal_lm_logits, max_positions
 from spikellm.models.spikify import decoder_blocks
-from spikellm.nn.storage import compute_in
+from spikellm.nn.storage import compute_in, store_as
 from spikellm.posttrain.stages import ConversionContext
 from spikellm.progress import per_block, progress_bar
 
@@ -210,6 +210,8 @@ def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: floa
         # a whole-model snapshot when another stage follows; the last one's blocks are its record
         state.finish_stage(name, summaries[name], ctx, snapshot=index < len(stages))
         log.info("stage %s done in %.1f s", name, summaries[name]["seconds"])
+    if trains and not native:  # trained in fp32: stored as downloaded (bf16), quantized projections packed
+        store_as(model, stored_dtype(source, hf_config(source)))
     final_ppl, energy_after = measured("converted", "perplexity, converted", True)
     log.info("converted: validation ppl %.3f", final_ppl)
     metrics = {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl,
