@@ -76,7 +76,7 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     Every failure is one line: a ConfigError naming ``key``, or a DataError naming the file."""
     from spikellm.checkpoints.hf import parse_dtype
     from spikellm.nn.spiking_linear import fold_weight_quantizers
-    from spikellm.nn.storage import release_memory
+    from spikellm.nn.storage import trim_heap
 
     began = time.perf_counter()
     fmt = detect_format(path, key)
@@ -101,7 +101,7 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     loaded.format = fmt
     fold_weight_quantizers(loaded.model)
     loaded.model.to(device).eval()
-    release_memory()  # what reading and dequantizing freed goes back now, not at some later peak
+    trim_heap()  # what reading and dequantizing freed goes back now, not at some later peak
     parameters = list({id(p): p for p in loaded.model.parameters()}.values())
     log.info("loaded %s: %.3g B parameters, %.2f GB, in %.1f s", path.name,
              sum(p.numel() for p in parameters) / 1e9, sum(p.numel() * p.element_size() for p in parameters) / 1e9,
