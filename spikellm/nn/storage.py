@@ -4,11 +4,16 @@
   buffers stay real, so rotary tables and encoder state are what the constructor computed), then
   :func:`assign_parameters` puts each tensor read from a file in place, in the asked dtype. A
   model is never held twice (no random initialisation, no ``load_state_dict`` copy).
+- A parameter's *store* is where its values are between uses: in memory in its own dtype (bf16),
+  as packed integers (:func:`release_packed`: a quantized projection), or still in its file
+  (:func:`keep_on_disk`: a block a conversion has not reached). An empty stand-in (one NaN,
+  expanded) takes its place, so a forward that forgot to fetch it fails loudly.
 - :func:`materialized`: a module's parameters in fp32 for the duration of a ``with`` (a block being
-  calibrated), its store (bf16, or packed integers once a projection is quantized) kept aside
-  and updated at the end; :func:`compute_in` does it for every decoder block and every other
-  module that owns weights, around each forward, so a model stored in bf16 computes in fp32 one
-  block at a time (GPTQModel and OmniQuant keep a 7B model in fp16 the same way).
+  calibrated), fetched from their store and put back at the end (changed values stay in
+  memory); :func:`compute_in` does it for every decoder block and every other module that owns
+  weights, around each forward, so a model stored in bf16 computes in fp32 one block at a time
+  (GPTQModel and OmniQuant keep a 7B model in fp16 the same way).
+- :func:`trim_heap` gives glibc's freed heap back to the system between blocks.
 """
 from __future__ import annotations
 
