@@ -17,7 +17,7 @@ import transformers
 
 from spikellm.checkpoints.shards import INDEX, WEIGHTS, TensorFiles, write_tensors
 from spikellm.errors import DataError
-from spikellm.models.spikify import decoder_blocks, spikify
+from spikellm.models.spikify import decoder_blocks
 from spikellm.nn.packed import PackedWeight, format_for
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.storage import (assign_parameters, compute_in, empty_names, empty_parameters, is_placeholder,

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from spikellm.errors import ConfigError, DataError
+from spikellm.errors import DataError
 from spikellm.models.hf import causal_lm_logits
 from spikellm.models.spikify import decoder_blocks
 from spikellm.nn.spiking_linear import SpikingLinear
