@@ -1,2 +1,9 @@
 """spikellm: spike-driven LLaMA-style language models (import-light: submodules load on use)."""
 __version__ = "0.1.0"
+
+# registers spikellm's model directories with transformers' AutoConfig / AutoModelForCausalLM once
+# transformers loads them (importing nothing of it here)
+from spikellm.checkpoints.registration import register_when_imported as _register
+
+_register()
+del _register

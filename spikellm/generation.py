@@ -301,9 +301,12 @@ class _Uncached(_Runner):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module :func:`generate` calls: a :class:`~spikellm.models.hf.LogitsModel`'s HF model."""
+    """The module :func:`generate` calls: the spikellm model inside a ``transformers`` one
+    (:class:`~spikellm.checkpoints.hub.SpikellmForCausalLM`), and a
+    :class:`~spikellm.models.hf.LogitsModel`'s HF model."""
     from spikellm.models.hf import LogitsModel
 
+    model = getattr(model, "spikellm_model", model)
     return model.hf_model if isinstance(model, LogitsModel) else model
 
 
@@ -338,8 +341,6 @@ class GenerationEnergy:
         """Per generated (decoded) token: energy in µJ, spiking and dense, and spikes per activation
         (overall and per encoded layer), on the reports' cost model."""
         decode = self.decode
-        encoded = [layer for layer in decode.layers if layer.encoded]
-        spikes, activations = sum(layer.spikes for layer in encoded), sum(layer.activations for layer in encoded)
         return {
             "cost_model": decode.cost.name,
             "prompt_tokens": sum(self.result.prompt_lengths),
@@ -349,8 +350,8 @@ class GenerationEnergy:
             "dense_uj_per_token": 1e6 * decode.per_token(decode.dense_joules),
             "ratio_to_dense": decode.ratio_to_dense,
             "prefill_uj_per_token": 1e6 * self.prefill.per_token(self.prefill.joules),
-            "spikes_per_activation": spikes / activations if activations else None,
-            "layers": {layer.name: layer.spikes_per_activation for layer in encoded},
+            "spikes_per_activation": decode.spikes_per_activation,
+            "layers": {layer.name: layer.spikes_per_activation for layer in decode.layers if layer.encoded},
         }
 
 

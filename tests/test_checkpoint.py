@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spikellm.kernels
-from spikellm.checkpoints.spiking import (is_spiking_checkpoint, load_spiking_checkpoint, model_card, read_config,
+from spikellm.checkpoints.card import model_card
+from spikellm.checkpoints.spiking import (is_spiking_checkpoint, load_spiking_checkpoint, read_config,
                                           save_spiking_checkpoint)
 from spikellm.checkpoints.weights import weight_format
 from spikellm.config import build_neuron
@@ -180,8 +181,8 @@ def test_round_trip(tmp_path, tokenizer, case, monkeypatch):
             assert tensors[f"{name}.qscale"].shape == (layer.out_features, groups)
     assert ("lm_head.weight" in tensors) != CASES[case].get("tie", True)  # a tied head is stored once
     card = (directory / "README.md").read_text()
-    assert "- val ppl: 12.5" in card and "- energy (mJ/token): 0.42" in card and "45nm" in card
-    assert card == model_card(saved)
+    assert "| val ppl | 12.5 | |" in card and "| energy (mJ/token) | 0.42 | |" in card and "45nm" in card
+    assert card == model_card(saved, directory.name)
 
     # backend="torch": bit-identical logits, and the same tokenizer
     loaded, loaded_tokenizer, loaded_config = load_spiking_checkpoint(directory, backend="torch")
@@ -485,6 +486,8 @@ def test_saving_into_an_existing_directory_is_refused(tmp_path, tokenizer, check
 
 def test_failed_save_leaves_nothing(tmp_path, tokenizer):
     class BrokenTokenizer:
+        eos_id = 0
+
         def save(self, directory):
             raise OSError("disk full")
 

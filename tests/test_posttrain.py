@@ -475,7 +475,7 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temporary left beside it
     loaded, saved_record = load_converted(directory)
     assert saved_record == read_record(directory)
-    assert saved_record["format"] == "spikellm-converted" and saved_record["version"] == 2
+    assert saved_record["format"] == "spikellm-converted" and saved_record["version"] == 3
     assert {k: saved_record[k] for k in record} == record
     assert not loaded.training
     for name, layer in spiking_modules(loaded).items():
@@ -535,6 +535,8 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, tokenizer):
     assert not target.exists() and list(target.parent.iterdir()) == []
 
     class Broken:
+        eos_id = 0
+
         def save(self, directory):
             raise OSError("no space left on device")
 

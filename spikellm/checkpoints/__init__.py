@@ -8,6 +8,10 @@
 - :mod:`~spikellm.checkpoints.converted`: a converted Hugging Face model (``spikellm.json``);
 - :mod:`~spikellm.checkpoints.hf`: Hugging Face directories, read and written;
 - :mod:`~spikellm.checkpoints.loader`: :func:`load_model`, which recognises any of them.
+- :mod:`~spikellm.checkpoints.auto`, :mod:`~spikellm.checkpoints.hub_config`,
+  :mod:`~spikellm.checkpoints.hub`, :mod:`~spikellm.checkpoints.registration`: the same
+  directories as ``transformers`` models (``AutoModelForCausalLM``), and
+  :mod:`~spikellm.checkpoints.card`, their model card.
 
 Imports here are lazy, so ``spikellm.checkpoints.atomic`` stays as light as it is.
 """

@@ -1,6 +1,9 @@
 """A converted model on disk: a Hugging Face directory plus what makes it spiking.
 
-``config.json`` and the tokenizer are the original model's. The weights (``model.safetensors``,
+``config.json`` holds the original model's config under ``hf_config`` (format 3; formats 1 and
+2 hold it as the whole file) beside what ``transformers`` reads to load the directory as a
+:class:`~spikellm.checkpoints.hub.SpikellmForCausalLM` (see :mod:`spikellm.checkpoints.auto`);
+the tokenizer is the original model's. The weights (``model.safetensors``,
 or shards with ``model.safetensors.index.json``) hold every quantized projection as packed
 integers and scales (``<layer>.qweight``, ``.qscale``, ``.qgidx``: int4, ternary or int8), every
 other tensor in the dtype the conversion held it (the source's: bf16 for a bf16 download), and
@@ -27,8 +30,8 @@ from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_t
 from spikellm.errors import DataError
 
 FORMAT = "spikellm-converted"
-FORMAT_VERSION = 2
-READS = (1, 2)
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 RECORD = "spikellm.json"
 DIGEST = "record_digest"
 
@@ -40,21 +43,89 @@ def record_digest(record: dict) -> str:
 
 
 def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwrite: bool = False,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, hf_config: dict | None = None) -> Path:
     """Write the spikified HF ``model`` (all of it or nothing) with ``tokenizer`` and ``record``
-    (``neuron``, ``thresholds``, ``stages``, ``source``, ``metrics``) to ``directory``: quantized
-    projections packed, weight quantizers folded, sharded over ``max_shard_bytes``."""
+    (``neuron``, ``thresholds``, ``stages``, ``source``, ``metrics``, ``card``) to ``directory``:
+    quantized projections packed, weight quantizers folded, sharded over ``max_shard_bytes``.
+    ``model`` may also be the native :class:`~spikellm.models.llama.SpikingLlama` a converted LLaMA
+    loads as; ``hf_config`` (its Hugging Face config as a dict) then says what it was converted from."""
+    from spikellm.checkpoints.auto import transformers_fields, write_transformers_files
+    from spikellm.checkpoints.card import model_card
+    from spikellm.checkpoints.weights import stored_dtype_of
     from spikellm.models.spikify import spiking_modules
 
+    native = hf_config is not None and not hasattr(model.config, "to_dict")
+    hf_config = hf_config if hf_config is not None else model.config.to_dict()
+    rename = _hf_name if native else (lambda name: name)
     layers, tensors = stored_tensors(model, spiking_modules(model))
+    layers = {rename(name): info for name, info in layers.items()}
     neuron = dict(record.get("neuron") or {}, weight_quantizer=None) if record.get("neuron") else record.get("neuron")
     record = {"format": FORMAT, "version": FORMAT_VERSION, **record, "neuron": neuron, "layers": layers}
+    config = {**transformers_fields(_config_object(hf_config), tokenizer, stored_dtype_of(model)), "format": FORMAT,
+              "version": FORMAT_VERSION, "hf_config": hf_config}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        write_tensors(tmp, tensors, {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes)
+        write_tensors(tmp, ((rename(name), tensor) for name, tensor in tensors),
+                      {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
+        write_transformers_files(tmp, config)
+        card = {**config, **record, "cost_model": (record.get("metrics") or {}).get("cost_model"),
+                "card": conversion_card(record)}
+        (tmp / "README.md").write_text(model_card(card, Path(directory).name))
     return Path(directory)
+
+
+def _hf_name(name: str) -> str:
+    """The ``transformers`` name of a native LLaMA's tensor (its body lives under ``model.``)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def _config_object(hf_config: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**hf_config)
+
+
+def conversion_card(record: dict) -> dict:
+    """The model card's figures of a conversion: its record's metrics and what it started from."""
+    metrics = record.get("metrics") or {}
+    final = metrics.get("final_ppl")
+    card = {"base model": record.get("source"), "perplexity": None if final is None else round(float(final), 4),
+            "stages": ", ".join(record.get("stages") or {}) or "none", **(record.get("card") or {})}
+    for key in ("fp_ppl", "spiking_ppl"):
+        if metrics.get(key) is not None:
+            card[key.replace("_", " ")] = round(float(metrics[key]), 4)
+    for key, name in (("energy_per_token_after_J", "energy per token (J)"),
+                      ("dense_energy_per_token_J", "dense energy per token (J)"),
+                      ("spikes_per_activation", "spikes per activation")):
+        if metrics.get(key) is not None:
+            card[name] = metrics[key]
+    return {key: value for key, value in card.items() if value is not None}
+
+
+def converted_hf_config(directory: Path):
+    """The Hugging Face config of the model a converted directory holds: ``hf_config`` of its
+    ``config.json`` (format 3), or that file itself (formats 1 and 2)."""
+    from spikellm.checkpoints.hf import hf_config
+
+    try:
+        written = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        written = None
+    if not isinstance(written, dict) or not isinstance(written.get("hf_config"), dict):
+        return hf_config(directory, key="ckpt")  # readable, of a supported architecture
+    import transformers
+
+    from spikellm.checkpoints.hf import check_architecture
+
+    fields = dict(written["hf_config"])
+    try:
+        config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataError(f"{directory}/config.json: its hf_config cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160] if str(error) else ''}); convert the model again") from None
+    return check_architecture(config, directory, key="ckpt")
 
 
 def read_record(directory) -> dict:
@@ -83,7 +154,6 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32, native:
     (its names are the Hugging Face ones without ``model.``; it encodes q/k/v and gate/up once each
     and decodes with its own KV cache), which computes what ``transformers``' LLaMA computes
     (to ≤ 1e-5); otherwise, and for every other architecture, the spikified ``transformers`` model."""
-    from spikellm.checkpoints.hf import hf_config
     from spikellm.models.spikify import spiking_modules
     from spikellm.nn.spiking_linear import fold_weight_quantizers
     from spikellm.nn.storage import assign_parameters, empty_names
@@ -91,7 +161,7 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32, native:
 
     directory = Path(directory)
     record = read_record(directory)  # validated and its neuron config checked: once
-    config = hf_config(directory, key="ckpt")  # readable, of a supported architecture
+    config = converted_hf_config(directory)  # readable, of a supported architecture
     files = TensorFiles(directory, fix="convert the model again")
     model, rename = _skeleton(config, record.get("neuron"), native)
     where = files.directory / "model.safetensors"

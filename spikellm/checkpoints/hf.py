@@ -39,6 +39,11 @@ def hf_config(hf_path, key: str = "model.hf_path"):
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"{directory}/config.json cannot be read ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:160]})") from None
+    return check_architecture(config, directory, key)
+
+
+def check_architecture(config, directory, key: str):
+    """``config``, refused (with the supported list) when its architecture cannot be spikified."""
     if config.model_type not in SPIKING_PROJECTIONS:
         raise ConfigError(key, f"{directory} ({config.model_type})", f"unsupported architecture; {SUPPORTED}")
     return config

@@ -10,7 +10,11 @@ A directory holding
   packed integer weights (``<layer>.qweight``), their scales (``<layer>.qscale``) and, where
   columns pick their scale, ``<layer>.qgidx``; every other parameter; and the encoders' buffers
   (step allocations, cluster flags, learned step scales);
-- the tokenizer, and ``README.md``, a model card with the evaluation and energy figures.
+- the tokenizer, and ``README.md``, a model card with the evaluation and energy figures
+  (:mod:`spikellm.checkpoints.card`);
+- what ``transformers`` reads (:mod:`spikellm.checkpoints.auto`): ``model_type``, ``auto_map``...
+  in ``config.json`` (outside the digest), ``generation_config.json`` and ``modeling_spikellm.py``,
+  so ``AutoModelForCausalLM.from_pretrained(directory)`` loads it (:mod:`spikellm.checkpoints.hub`).
 
 :func:`load_spiking_checkpoint` rebuilds the model from these alone. A projection's weight is
 rebuilt as ``integers · scale`` with the very operations its quantizer used, so the loaded model's
@@ -24,12 +28,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from spikellm.errors import ConfigError, DataError
 from spikellm.checkpoints.atomic import atomic_directory
 from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, write_tensors
-from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
+from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_dtype_of, stored_tensors
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
 
@@ -48,14 +51,20 @@ def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dic
     :class:`~spikellm.models.matmulfree.MatMulFreeLM`) as a spiking checkpoint; ``thresholds``:
     activation-sparsity thresholds (:mod:`spikellm.sparsity`) by layer name, reinstalled on load.
     Weights over ``max_shard_bytes`` are sharded with an index, as ``transformers`` does."""
+    from spikellm.checkpoints.auto import transformers_fields, write_transformers_files
+    from spikellm.checkpoints.card import model_card
+
     layers, tensors = stored_tensors(model, model.spiking_linears())
     config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
               "cost_model": cost_model, "card": card or {}, "thresholds": dict(thresholds or {})}
+    # what transformers reads (AutoModelForCausalLM, pipeline, lm-eval's hf model): not bound by the digest
+    config.update(transformers_fields(model.config, tokenizer, stored_dtype_of(model)))
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_tensors(tmp, tensors, {"format": FORMAT, DIGEST: config_digest(config)}, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
-        (tmp / "README.md").write_text(model_card(config))
+        write_transformers_files(tmp, config)
+        (tmp / "README.md").write_text(model_card(config, Path(directory).name))
     return Path(directory)
 
 
@@ -67,26 +76,6 @@ def config_digest(config: dict) -> str:
 
     bound = {key: config.get(key) for key in ("model", "neuron", "layers", "thresholds")}
     return hashlib.sha256(json.dumps(bound, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_card(config: dict) -> str:
-    """The README of a spiking checkpoint: what the model is and what it measured."""
-    card = config.get("card") or {}
-    formats = sorted({layer["weight_format"] for layer in config["layers"].values()})
-    encoders = sorted({str(layer["encoder"]) for layer in config["layers"].values()})
-    architecture = config["model"].get("_target_", "").rsplit(".", 1)[-1].removesuffix("Config") or "model"
-    lines = [f"# Spiking {architecture} (spikellm checkpoint)", "",
-             f"- architecture: `{json.dumps({k: v for k, v in config['model'].items() if k != '_target_'})}`",
-             f"- projection inputs: {', '.join(f'`{e}`' for e in encoders)}",
-             f"- projection weights: {', '.join(formats)}",
-             f"- cost model of the energy figures: {config.get('cost_model')}"]
-    if config.get("thresholds"):
-        lines.append(f"- activation-sparsity thresholds on {len(config['thresholds'])} projection inputs")
-    lines += ["", "## Measured", ""]
-    lines += [f"- {key}: {value}" for key, value in card.items()] or ["- (no figures were recorded)"]
-    lines += ["", "Load with `spikellm.checkpoints.load_model(<dir>)` or evaluate with "
-                  "`python eval.py ckpt=<dir>`.", ""]
-    return "\n".join(lines)
 
 
 def read_config(directory) -> dict:

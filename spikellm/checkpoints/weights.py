@@ -33,6 +33,11 @@ def weight_format(layer: SpikingLinear, packed: PackedWeight | None = None) -> t
     return packed.fmt, bits, group
 
 
+def stored_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s floating-point parameters are held (and so written) in."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def layer_record(layer: SpikingLinear, fmt: str, bits, group) -> dict:
     return {"weight_format": fmt, "bits": bits, "group_size": group, "in_features": layer.in_features,
             "out_features": layer.out_features, "rotate": bool(layer.rotate),

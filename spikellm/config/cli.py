@@ -369,6 +369,25 @@ def _check_run_dir(cfg: DictConfig) -> None:
                             "choose another hydra.run.dir") from None
 
 
+def run_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job (``hydra.*`` ones left out), or none
+    when it was not launched by Hydra (a test, a notebook)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
+    except ValueError:  # HydraConfig was not set
+        return []
+
+
+def run_command(script: str) -> str | None:
+    """``python <script> <overrides>`` of the running Hydra job: how a model card says it was made."""
+    from shlex import quote
+
+    overrides = run_overrides()
+    return " ".join(["python", script, *map(quote, overrides)]) if overrides else None
+
+
 def conf_dir() -> Path:
     """The config tree (the repository's top-level ``conf/``, installed as the ``spikellm.conf``
     package data): the same directory whether spikellm runs from a checkout or from a wheel."""

@@ -46,6 +46,11 @@ class Tokenizer:
         self.fingerprint = hashlib.sha256(serialized).hexdigest()
 
     @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence token of a pretrained tokenizer that has one (LLaMA's ``<s>``), else None."""
+        return None if self._raw else self._backend.bos_token_id
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids, special tokens included (the model's embedding size must cover it)."""
         return self._backend.get_vocab_size(with_added_tokens=True) if self._raw else len(self._backend)

@@ -161,6 +161,13 @@ class EnergyReport:
         return self.dense_energy.total
 
     @property
+    def spikes_per_activation(self) -> float | None:
+        """Spikes per activation over every encoded input (None: nothing was encoded)."""
+        encoded = [layer for layer in self.layers if layer.encoded]
+        activations = sum(layer.activations for layer in encoded)
+        return sum(layer.spikes for layer in encoded) / activations if activations else None
+
+    @property
     def ratio_to_dense(self) -> float:
         return self.joules / self.dense_joules if self.dense_joules else float("nan")
 
@@ -214,7 +221,8 @@ class EnergyReport:
             "macs": self.macs, "acs": self.acs, "dense_macs": self.dense_macs,
             "joules": self.joules, "dense_joules": self.dense_joules, "ratio_to_dense": self.ratio_to_dense,
             "energy": self.energy.to_dict(), "dense_energy": self.dense_energy.to_dict(),
-            "joules_per_token": self.per_token(self.joules),
+            "joules_per_token": self.per_token(self.joules), "dense_joules_per_token": self.per_token(self.dense_joules),
+            "spikes_per_activation": self.spikes_per_activation,
             "joules_per_sequence": self.joules / max(1, self.sequences),
             "layers": layers,
         }

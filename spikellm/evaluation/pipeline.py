@@ -113,12 +113,23 @@ def _export_spiking(loaded, results: dict, cfg) -> str:
     if "model" not in loaded.config:
         raise ConfigError("export", cfg.export, "spiking checkpoints are written for train.py models "
                                                 "(a Hugging Face conversion is already saved by train.py)")
+    from spikellm.config.cli import run_command
+
     card = {f"ppl {name}": round(r["ppl"], 4) for name, r in results["perplexity"].items()}
+    if results["perplexity"]:  # the first corpus is the card's perplexity
+        corpus, first = next(iter(results["perplexity"].items()))
+        card.update({"perplexity": round(first["ppl"], 4), "corpus": corpus})
     card.update({f"{name} {metric}": round(value, 4) for name, task in results["tasks"].items()
                  for metric, value in task.items() if isinstance(value, float)})
     if results.get("energy"):
-        card["energy per token (J)"] = results["energy"]["joules_per_token"]
-        card["energy vs dense"] = round(results["energy"]["ratio_to_dense"], 4)
+        energy = results["energy"]
+        card["energy per token (J)"] = energy["joules_per_token"]
+        card["dense energy per token (J)"] = energy["dense_joules_per_token"]
+        card["energy vs dense"] = round(energy["ratio_to_dense"], 4)
+        if energy.get("spikes_per_activation") is not None:
+            card["spikes per activation"] = round(energy["spikes_per_activation"], 4)
+    if run_command("eval.py"):
+        card["command"] = run_command("eval.py")
     return str(save_spiking_checkpoint(loaded.model, cfg.export, model_config=loaded.config["model"],
                                        neuron=loaded.config.get("neuron"), tokenizer=loaded.tokenizer, card=card,
                                        cost_model=cfg.energy.get("name")))

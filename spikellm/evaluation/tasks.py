@@ -15,7 +15,8 @@ from spikellm.errors import ConfigError, DataError, SpikeLLMError
 log = logging.getLogger(__name__)
 
 HUB_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
-METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+# accuracy of choice tasks; perplexity of rolling-loglikelihood ones (tiny_ppl, wikitext)
+METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def run_tasks(lm, tasks: Sequence[str] | str, include_path: str | os.PathLike | Sequence | None = None,
@@ -33,8 +34,8 @@ def run_tasks(lm, tasks: Sequence[str] | str, include_path: str | os.PathLike | 
     :class:`DataError` at once (after a probe of at most a few seconds, before any indexing for
     those six names). A local task shadows a built-in one of the same name.
 
-    Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}}`` (the metrics each
-    task reports). Raises :class:`ConfigError` for a name that is no task at all.
+    Returns ``{task: {metric: value}}`` for the :data:`METRICS` each task reports (``acc``,
+    ``acc_norm`` and their stderr; ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``). Raises :class:`ConfigError` for a name that is no task at all.
     """
     from lm_eval import simple_evaluate
 

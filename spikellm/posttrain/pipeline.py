@@ -28,6 +28,8 @@ from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
 from spikellm.errors import ConfigError, Interrupted
 from spikellm.checkpoints.hf import check_hf_dir, hf_config, stored_dtype
+from spikellm.checkpoints.weights import stored_dtype_of
+from spikellm.config.cli import run_command
 from spikellm.models.hf import causal_lm_logits, max_positions
 from spikellm.models.spikify import decoder_blocks
 from spikellm.nn.storage import compute_in, store_as
@@ -216,31 +218,30 @@ def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: floa
     log.info("converted: validation ppl %.3f", final_ppl)
     metrics = {"fp_ppl": fp_ppl, "spiking_ppl": spiking_ppl, "final_ppl": final_ppl,
                "energy_per_token_before_J": energy_before.per_token(energy_before.joules),
-               "energy_per_token_after_J": energy_after.per_token(energy_after.joules), "cost_model": cost.name}
+               "energy_per_token_after_J": energy_after.per_token(energy_after.joules),
+               "dense_energy_per_token_J": energy_after.per_token(energy_after.dense_joules),
+               "spikes_per_activation": energy_after.spikes_per_activation, "cost_model": cost.name}
     _write_energy(output_dir, energy_before, energy_after)
     log.info("writing %s", model_dir)
+    made = {"corpus": cfg.data.get("source"), "command": run_command("train.py")}
     if native:
+        from spikellm.checkpoints.converted import conversion_card
         from spikellm.checkpoints.spiking import read_config, save_spiking_checkpoint
 
         written = read_config(source)
-        card = {**{key: (round(v, 6) if isinstance(v, float) else v) for key, v in metrics.items()},
-                "converted from": source, "stages": ", ".join(summaries) or "none"}
+        card = conversion_card({"source": source, "metrics": metrics, "stages": summaries, "card": made})
         save_spiking_checkpoint(model, model_dir, model_config=written["model"], neuron=written["neuron"],
                                 tokenizer=datamodule.tokenizer, card=card, cost_model=cost.name,
                                 thresholds=ctx.thresholds)
     else:
         record = {"source": source, "neuron": neuron, "thresholds": ctx.thresholds, "stages": summaries,
-                  "metrics": metrics, "storage_dtype": str(_stored_dtype(model)).removeprefix("torch."),
+                  "metrics": metrics, "storage_dtype": str(stored_dtype_of(model)).removeprefix("torch."),
                   "calibration": OmegaConf.to_container(cfg.convert.calibration, resolve=True),
-                  "task_name": cfg.get("task_name")}
+                  "task_name": cfg.get("task_name"), "card": made}
         save_converted(model, datamodule.tokenizer, model_dir, record)
     state.remove()
     return ConversionResult(output_dir, model_dir, source, fp_ppl, spiking_ppl, final_ppl, summaries,
                             time.perf_counter() - start, energy_before, energy_after, native=native)
-
-
-def _stored_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _write_energy(output_dir: Path, before, after) -> None:

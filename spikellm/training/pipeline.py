@@ -202,13 +202,9 @@ def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
 
     from spikellm.checkpoints.atomic import atomic_write_json
 
-    hydra_overrides = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from spikellm.config.cli import run_overrides
 
-        hydra_overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not launched by Hydra (a test, a notebook)
-        pass
+    hydra_overrides = run_overrides()
     energy = result.energy
     return atomic_write_json(result.output_dir / "summary.json", {
         "val_ppl": result.val_ppl, "val_loss": result.val_loss, "initial_val_ppl": result.initial_val_ppl,
@@ -273,11 +269,18 @@ def save_final_checkpoint(cfg: DictConfig, task, datamodule, final: dict, energy
     validation and energy figures; replaced atomically if the run directory already has one."""
     from spikellm.checkpoints.spiking import save_spiking_checkpoint
 
-    card = {"val ppl": round(float(final["val/ppl"]), 4), "val loss": round(float(final["val/loss"]), 6),
-            "data": cfg.data.get("source"), "steps": int(task.global_step)}
+    from spikellm.config.cli import run_command
+
+    spikes = final.get("val/spikes/spikes_per_activation")
+    card = {"perplexity": round(float(final["val/ppl"]), 4), "corpus": cfg.data.get("source"),
+            "spikes per activation": None if spikes is None else round(float(spikes), 4),
+            "val loss": round(float(final["val/loss"]), 6), "steps": int(task.global_step),
+            "command": run_command("train.py")}
     if energy is not None and energy.report is not None:
         card["energy per token (J)"] = energy.report.per_token(energy.report.joules)
+        card["dense energy per token (J)"] = energy.report.per_token(energy.report.dense_joules)
         card["energy vs dense"] = round(energy.report.ratio_to_dense, 4)
+    card = {key: value for key, value in card.items() if value is not None}
     return save_spiking_checkpoint(task.model, directory, model_config=task.hparams.model, neuron=task.hparams.neuron,
                                    tokenizer=datamodule.tokenizer, card=card,
                                    cost_model=energy.report.cost.name if energy is not None and energy.report else None,
@@ -325,6 +328,8 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
     table.add_row("checkpoint", str(result.checkpoint))
     if result.spiking_checkpoint is not None:
         table.add_row("spiking checkpoint", str(result.spiking_checkpoint))
+        table.add_row("in transformers", f'AutoModelForCausalLM.from_pretrained("{result.spiking_checkpoint}", '
+                                         'trust_remote_code=True)')
     for log_dir in result.log_dirs:
         table.add_row("logs", str(log_dir))
     if result.energy is not None:
