@@ -497,6 +497,22 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
         load_model(directory, neuron=GIF4)
 
 
+def test_edited_converted_weights_are_refused(tmp_path, tokenizer):
+    """Issue 24: the tensors' SHA-256 digests travel in the shards' metadata and are checked on load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, _, record = _converted(tokenizer, False)
+    directory = save_converted(model, tokenizer, tmp_path / "converted", record)
+    path = str(directory / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    tensors["model.embed_tokens.weight"][0, 0] += 1
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(DataError, match=r"tensor model.embed_tokens.weight are not those it was written with"):
+        load_converted(directory)
+
+
 def test_a_truncated_or_foreign_converted_model_is_a_data_error(tmp_path, tokenizer):
     model, _, record = _converted(tokenizer, True)
     directory = save_converted(model, tokenizer, tmp_path / "converted", record)

@@ -35,7 +35,7 @@ __all__ = ["SpikellmConfig", "SpikellmForCausalLM"]
 def transformers_fields(model_config, tokenizer, dtype) -> dict:
     """The ``config.json`` entries ``transformers`` reads for a model of ``model_config`` (ours:
     ``LlamaConfig`` / ``MatMulFreeConfig``; or a Hugging Face config) with ``tokenizer``, whose
-    other tensors are stored in ``dtype``."""
+    floating-point tensors are mostly stored in ``dtype`` (None: the writer sets it once written)."""
     def first(*names, default=None):
         return next((getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None), default)
 
@@ -44,7 +44,7 @@ def transformers_fields(model_config, tokenizer, dtype) -> dict:
     eos, bos = int(tokenizer.eos_id), getattr(tokenizer, "bos_id", None)
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "auto_map": dict(AUTO_MAP),
-        "torch_dtype": str(dtype).removeprefix("torch."), "spikellm_version": __version__,
+        "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch."), "spikellm_version": __version__,
         "vocab_size": int(first("vocab_size")), "hidden_size": int(first("dim", "hidden_size", "n_embd")),
         "num_hidden_layers": int(first("n_layers", "num_hidden_layers", "n_layer")),
         "max_position_embeddings": int(first("max_seq_len", "max_position_embeddings", "n_positions",

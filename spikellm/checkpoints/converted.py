@@ -43,15 +43,17 @@ def record_digest(record: dict) -> str:
 
 
 def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwrite: bool = False,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, hf_config: dict | None = None) -> Path:
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, hf_config: dict | None = None,
+                   dtypes: dict[str, torch.dtype] | None = None) -> Path:
     """Write the spikified HF ``model`` (all of it or nothing) with ``tokenizer`` and ``record``
     (``neuron``, ``thresholds``, ``stages``, ``source``, ``metrics``, ``card``) to ``directory``:
     quantized projections packed, weight quantizers folded, sharded over ``max_shard_bytes``.
     ``model`` may also be the native :class:`~spikellm.models.llama.SpikingLlama` a converted LLaMA
-    loads as; ``hf_config`` (its Hugging Face config as a dict) then says what it was converted from."""
+    loads as; ``hf_config`` (its Hugging Face config as a dict) then says what it was converted from.
+    ``dtypes``: the dtype to store named (file names) floating-point tensors in (else as held)."""
     from spikellm.checkpoints.auto import transformers_fields, write_transformers_files
     from spikellm.checkpoints.card import model_card
-    from spikellm.checkpoints.weights import stored_dtype_of
+    from spikellm.checkpoints.weights import cast_as_stored, main_dtype
     from spikellm.models.spikify import spiking_modules
 
     native = hf_config is not None and not hasattr(model.config, "to_dict")
@@ -61,11 +63,13 @@ def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwri
     layers = {rename(name): info for name, info in layers.items()}
     neuron = dict(record.get("neuron") or {}, weight_quantizer=None) if record.get("neuron") else record.get("neuron")
     record = {"format": FORMAT, "version": FORMAT_VERSION, **record, "neuron": neuron, "layers": layers}
-    config = {**transformers_fields(_config_object(hf_config), tokenizer, stored_dtype_of(model)), "format": FORMAT,
+    config = {**transformers_fields(_config_object(hf_config), tokenizer, None), "format": FORMAT,
               "version": FORMAT_VERSION, "hf_config": hf_config}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        write_tensors(tmp, ((rename(name), tensor) for name, tensor in tensors),
+        written: dict = {}
+        write_tensors(tmp, cast_as_stored(((rename(name), tensor) for name, tensor in tensors), dtypes, written),
                       {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes)
+        config["torch_dtype"] = main_dtype(written, model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))

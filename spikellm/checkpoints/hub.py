@@ -97,6 +97,7 @@ class SpikellmForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = model
         # what save_pretrained writes again: the tokenizer, the format, a converted model's record
         self.spikellm_tokenizer, self.source_format, self.spikellm_record = tokenizer, source_format, record
+        self.stored_dtypes: dict[str, torch.dtype] | None = None  # by file tensor name, from from_pretrained
         self.post_init()
 
     @property
@@ -206,6 +207,12 @@ class SpikellmForCausalLM(PreTrainedModel, GenerationMixin):
 
             record = read_record(directory)
         model = cls(config, loaded.model, loaded.tokenizer, loaded.format, record)
+        if directory.is_dir():  # save_pretrained writes each tensor in the dtype it was read from
+            from spikellm.checkpoints.shards import TensorFiles
+
+            files = TensorFiles(directory)
+            model.stored_dtypes = {name: files.dtype(name) for name in files.names()
+                                   if files.dtype(name).is_floating_point}
         model.name_or_path = config.name_or_path = str(pretrained_model_name_or_path)
         if (directory / GENERATION_FILE).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -241,14 +248,15 @@ class SpikellmForCausalLM(PreTrainedModel, GenerationMixin):
 
             written = {k: v for k, v in self.spikellm_record.items() if k not in ("format", "version", "layers")}
             save_converted(_hf_model(self.model) or self.model, self.spikellm_tokenizer, directory, written,
-                           overwrite=True, max_shard_bytes=max_shard_bytes, hf_config=record.get("hf_config"))
+                           overwrite=True, max_shard_bytes=max_shard_bytes, hf_config=record.get("hf_config"),
+                           dtypes=self.stored_dtypes)
         elif self.source_format in ("spiking", "lightning"):
             from spikellm.checkpoints.spiking import save_spiking_checkpoint
 
             save_spiking_checkpoint(self.model, directory, model_config=record["model"], neuron=record.get("neuron"),
                                     tokenizer=self.spikellm_tokenizer, card=record.get("card"),
                                     cost_model=record.get("cost_model"), thresholds=record.get("thresholds"),
-                                    overwrite=True, max_shard_bytes=max_shard_bytes)
+                                    overwrite=True, max_shard_bytes=max_shard_bytes, dtypes=self.stored_dtypes)
         else:
             raise ConfigError("save_pretrained", self.source_format, "a Hugging Face model spikified on load is "
                                                                      "saved by converting it: python train.py "

@@ -2,15 +2,20 @@
 
 A directory holds ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` ... with
 ``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {name: file}}``), as
-``save_pretrained`` writes them; every shard carries the same string metadata.
+``save_pretrained`` writes them; every shard carries the same string metadata, and the SHA-256
+of each of its tensors' bytes (:data:`TENSOR_DIGESTS`).
 
 :func:`write_tensors` streams tensors into shards of at most ``max_shard_bytes`` (only one shard's
 tensors are held at a time). :class:`TensorFiles` reads them one tensor at a time with plain file
 reads into a new tensor of the asked dtype: no file is memory-mapped, so loading a model holds
-the model and one tensor more, never a shard, a second copy, or pages of the file.
+the model and one tensor more, never a shard, a second copy, or pages of the file. Each tensor
+read is checked against its digest when its file has them (files spikellm wrote), and every
+floating-point tensor must hold finite values: an edited or corrupted file is a DataError naming
+the tensor and the file, never a model that computes something else.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,12 +34,21 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: what saving holds in memory beyond the model, at most
+# a shard's metadata key: ``{tensor name: SHA-256 of its bytes}`` as JSON (safetensors' header is
+# written before the data, so the digests of a shard are of the tensors it was given)
+TENSOR_DIGESTS = "spikellm_tensor_sha256"
 
 # safetensors' dtype names
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 of a (contiguous, CPU) tensor's bytes, as safetensors stores them."""
+    raw = tensor.detach().reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
 
 
 def has_weights(directory) -> bool:
@@ -58,7 +72,8 @@ def write_tensors(directory, tensors: Iterable[tuple[str, Tensor]], metadata: di
         nonlocal shard, size
         if shard:
             path = directory / f"model-{len(written) + 1:05d}.part"
-            save_file(shard, str(path), metadata=metadata)
+            digests = json.dumps({name: tensor_digest(tensor) for name, tensor in shard.items()})
+            save_file(shard, str(path), metadata={**metadata, TENSOR_DIGESTS: digests})
             written.append((path, list(shard)))
         shard, size = {}, 0
 
@@ -101,6 +116,7 @@ class TensorFiles:
         self.fix = fix
         self._advance = None  # set by progress(): called with the bytes of each tensor read
         self._entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        self._digests: dict[str, str] = {}  # by tensor name, from files that carry them
         self.metadata: dict[str, str] = {}
         index = self.directory / INDEX
         if index.is_file():
@@ -135,6 +151,9 @@ class TensorFiles:
                 raise ValueError("its header is not a JSON object")
             start = 8 + length
             meta = header.pop("__metadata__", None) or {}
+            digests = json.loads(meta.get(TENSOR_DIGESTS, "{}")) if isinstance(meta, dict) else {}
+            if not isinstance(digests, dict):
+                raise ValueError(f"its {TENSOR_DIGESTS} metadata is not an object")
             for name, info in header.items():
                 dtype = _DTYPES.get(info.get("dtype"))
                 shape = tuple(int(d) for d in info.get("shape"))
@@ -150,6 +169,8 @@ class TensorFiles:
                 if name in self._entries:
                     raise ValueError(f"{name} is also in {self._entries[name][0].name}")
                 self._entries[name] = (path, info["dtype"], shape, start + begin, end - begin)
+                if name in digests:
+                    self._digests[name] = str(digests[name])
         except (OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError, struct.error) as error:
             raise DataError(f"{path} is not a readable safetensors file ({type(error).__name__}: "
                             f"{str(error)[:200]}): it is truncated or corrupt; {self.fix}") from None
@@ -186,9 +207,16 @@ class TensorFiles:
             raise DataError(f"{path} cannot be read ({error}); {self.fix}") from None
         if got != nbytes:
             raise DataError(f"{path} ends inside the tensor {name}: it is truncated; {self.fix}")
+        expected = self._digests.get(name)
+        if expected is not None and hashlib.sha256(memoryview(raw.numpy())).hexdigest() != expected:
+            raise DataError(f"{path}: the bytes of tensor {name} are not those it was written with (the file was "
+                            f"edited or corrupted); {self.fix}")
         if self._advance is not None:
             self._advance(nbytes)
         tensor = raw.view(_DTYPES[code]).reshape(shape)
+        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
+            raise DataError(f"{path}: tensor {name} holds non-finite values (inf or nan), which no trained "
+                            f"model has; {self.fix}")
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     @contextmanager
@@ -208,6 +236,12 @@ class TensorFiles:
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         for name in self._entries:
             yield name, self.get(name, dtype)
+
+
+def _finite(tensor: Tensor) -> bool:
+    """Whether every value is finite: a sum in the tensor's dtype (nan and inf propagate; ~10 GB/s)
+    and, only when that sum is not finite (also when finite values overflow it), the exact check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def weight_files(directory) -> list[Path]:

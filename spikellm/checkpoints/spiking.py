@@ -32,7 +32,7 @@ import torch
 from spikellm.errors import ConfigError, DataError
 from spikellm.checkpoints.atomic import atomic_directory
 from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, write_tensors
-from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_dtype_of, stored_tensors
+from spikellm.checkpoints.weights import cast_as_stored, is_packed_tensor, main_dtype, read_packed, stored_tensors
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
 
@@ -46,11 +46,13 @@ BACKENDS = ("auto", "torch", "triton")
 def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dict | None, tokenizer,
                             card: dict | None = None, cost_model: str | None = None, overwrite: bool = False,
                             thresholds: dict[str, float] | None = None,
-                            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                            dtypes: dict[str, torch.dtype] | None = None) -> Path:
     """Write ``model`` (a :class:`~spikellm.models.llama.SpikingLlama` or a
     :class:`~spikellm.models.matmulfree.MatMulFreeLM`) as a spiking checkpoint; ``thresholds``:
     activation-sparsity thresholds (:mod:`spikellm.sparsity`) by layer name, reinstalled on load.
-    Weights over ``max_shard_bytes`` are sharded with an index, as ``transformers`` does."""
+    Weights over ``max_shard_bytes`` are sharded with an index, as ``transformers`` does.
+    ``dtypes``: the dtype to store named floating-point tensors in (else as held)."""
     from spikellm.checkpoints.auto import transformers_fields, write_transformers_files
     from spikellm.checkpoints.card import model_card
 
@@ -58,9 +60,12 @@ def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dic
     config = {"format": FORMAT, "version": VERSION, "model": model_config, "neuron": neuron, "layers": layers,
               "cost_model": cost_model, "card": card or {}, "thresholds": dict(thresholds or {})}
     # what transformers reads (AutoModelForCausalLM, pipeline, lm-eval's hf model): not bound by the digest
-    config.update(transformers_fields(model.config, tokenizer, stored_dtype_of(model)))
+    config.update(transformers_fields(model.config, tokenizer, None))
+    written: dict = {}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        write_tensors(tmp, tensors, {"format": FORMAT, DIGEST: config_digest(config)}, max_shard_bytes)
+        write_tensors(tmp, cast_as_stored(tensors, dtypes, written), {"format": FORMAT, DIGEST: config_digest(config)},
+                      max_shard_bytes)
+        config["torch_dtype"] = main_dtype(written, model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         write_transformers_files(tmp, config)

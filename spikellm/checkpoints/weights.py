@@ -38,6 +38,26 @@ def stored_dtype_of(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def cast_as_stored(tensors: Iterator[tuple[str, Tensor]], dtypes: dict[str, torch.dtype] | None,
+                   tally: dict[torch.dtype, int] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` pairs with each floating-point tensor that ``dtypes`` names cast to its
+    dtype there (a model read in fp32 from bf16 files is written back as it was read); ``tally``
+    counts the bytes written per floating-point dtype (what ``torch_dtype`` then says)."""
+    for name, tensor in tensors:
+        wanted = (dtypes or {}).get(name)
+        if wanted is not None and tensor.is_floating_point() and tensor.dtype != wanted:
+            tensor = tensor.to(wanted)
+        if tally is not None and tensor.is_floating_point():
+            tally[tensor.dtype] = tally.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+        yield name, tensor
+
+
+def main_dtype(tally: dict[torch.dtype, int], model: nn.Module) -> str:
+    """The name of the dtype most floating-point bytes were written in (else the model's)."""
+    dtype = max(tally, key=tally.get) if tally else stored_dtype_of(model)
+    return str(dtype).removeprefix("torch.")
+
+
 def layer_record(layer: SpikingLinear, fmt: str, bits, group) -> dict:
     return {"weight_format": fmt, "bits": bits, "group_size": group, "in_features": layer.in_features,
             "out_features": layer.out_features, "rotate": bool(layer.rotate),
