@@ -151,6 +151,67 @@ def test_a_second_setup_reads_the_cache(files, monkeypatch):
     assert again.train_tokens.filename == first.train_tokens.filename
 
 
+def _damage_train_tokens(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "half":
+        data = data[:len(data) // 2 // 2 * 2]
+    elif how == "odd":
+        data = data[:-1]
+    elif how == "overwritten":  # 10 % of the ids, in place: the size does not change
+        ids = np.frombuffer(bytes(data), np.uint16).copy()
+        rows = np.random.default_rng(0).choice(len(ids), len(ids) // 10, replace=False)
+        ids[rows] = np.random.default_rng(1).integers(0, 256, len(rows))
+        data = bytearray(ids.tobytes())
+    elif how == "out-of-vocabulary":
+        ids = np.frombuffer(bytes(data), np.uint16).copy()
+        ids[::5] = 65000
+        data = bytearray(ids.tobytes())
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["half", "odd", "overwritten", "out-of-vocabulary"])
+def test_a_damaged_token_cache_is_rebuilt_with_one_warning(files, caplog, how):
+    """Issue 24: a cut, edited or foreign token file was trained on silently (or failed deep in
+    numpy / the embedding); its digest now sends it back to the tokenizer, once, with a warning."""
+    first = module(files, path=str(files / "train.txt"))
+    path, expected = Path(first.train_tokens.filename), np.array(first.train_tokens)
+    del first
+    _damage_train_tokens(path, how)
+    with caplog.at_level(logging.WARNING, logger="spikellm.data.tokens"):
+        again = module(files, path=str(files / "train.txt"))
+    assert np.array_equal(np.array(again.train_tokens), expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "tokenizing it again" in warnings[0]
+    assert ("truncated or edited" if how in ("half", "odd") else "edited or corrupted") in warnings[0]
+
+
+def test_a_touched_but_intact_token_cache_is_hashed_once(files, monkeypatch):
+    """A changed stamp (a copy, a touch) costs one full hash, then the new stamp is trusted."""
+    from spikellm.data import integrity
+
+    first = module(files, path=str(files / "train.txt"))
+    path = Path(first.train_tokens.filename)
+    path.touch()
+    hashed = []
+    original = integrity.file_digest
+    monkeypatch.setattr(integrity, "file_digest", lambda p: hashed.append(p) or original(p))
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *_: pytest.fail("a touched intact cache was rebuilt"))
+    module(files, path=str(files / "train.txt"))
+    module(files, path=str(files / "train.txt"))
+    assert hashed == [path]
+
+
+def test_a_truncated_cached_tokenizer_is_trained_again(files, caplog):
+    first = module(files, path=str(files / "train.txt"))
+    cache = next(p for p in (files / "cache" / "tokenizers").glob("bpe-*.json") if ".sha256" not in p.name)
+    cache.write_bytes(cache.read_bytes()[:len(cache.read_bytes()) // 3])
+    with caplog.at_level(logging.WARNING, logger="spikellm.data.tokenizer"):
+        again = module(files, path=str(files / "train.txt"))
+    assert again.tokenizer.fingerprint == first.tokenizer.fingerprint
+    assert any("training it again" in r.getMessage() and "truncated or edited" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_the_cache_follows_the_content_not_the_name(files, monkeypatch):
     first = module(files, path=str(files / "train.txt"))
     (files / "copy.txt").write_bytes((files / "train.txt").read_bytes())

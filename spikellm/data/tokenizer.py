@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from spikellm.checkpoints.atomic import atomic_write as checkpoints_atomic_write
+from spikellm.data.integrity import check_file, record_digest
 from spikellm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,20 @@ def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: st
 
     key = hashlib.sha256(f"{BPE_FORMAT_VERSION}:{vocab_size}:{corpus_key}".encode()).hexdigest()[:32]
     cache = Path(cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
-    if not cache.exists():
+    if not cache.exists() or check_file(cache) is not None:
         with cache_lock(cache):
+            distrusted = check_file(cache) if cache.exists() else None
+            if distrusted is not None:
+                log.warning("the cached BPE tokenizer %s %s: training it again", cache, distrusted)
+                cache.unlink()
             if not cache.exists():
                 log.info("training a %d-token byte-level BPE on %.1f MB of text", vocab_size, total_bytes / 1e6)
                 start = time.monotonic()
                 with progress("training the BPE tokenizer", total_bytes) as advance:
                     backend = _train_bpe(counted(advance), vocab_size)
-                atomic_write(cache, lambda f: f.write(backend.to_str().encode()))
+                serialized = backend.to_str().encode()
+                atomic_write(cache, lambda f: f.write(serialized))
+                record_digest(cache, hashlib.sha256(serialized).hexdigest())
                 log.info("trained the BPE in %.1f s", time.monotonic() - start)
     return Tokenizer(tokenizers.Tokenizer.from_file(str(cache)))
 

@@ -14,7 +14,9 @@ Nothing here holds a corpus or its token ids whole, so memory does not grow with
 
 Token files are raw arrays, ``uint16`` when the vocabulary fits, else ``uint32``:
 ``tokens/<key>-<dtype>.bin`` under the cache directory, ``<key>`` hashing the split's text,
-how it was split and the tokenizer.
+how it was split and the tokenizer; beside each, the SHA-256 of its bytes
+(:mod:`spikellm.data.integrity`): a file edited, truncated or without a digest is tokenized again
+with one warning, never read.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from spikellm.data.corpus import TextFile
+from spikellm.data.integrity import check_file, record_digest
 from spikellm.data.tokenizer import atomic_write, is_local_rank_zero
 from spikellm.errors import ConfigError
 
@@ -269,6 +272,7 @@ def write_tokens(path: Path, texts: Iterable[tuple[str, int, bool]], tokenizer, 
     documents, atomically; the number of tokens."""
     dtype, eos = token_dtype(tokenizer.vocab_size), [tokenizer.eos_id]
     count, first = 0, True
+    digest = hashlib.sha256()  # of the bytes as written: the cache's content digest, at no extra read
 
     def write(f):
         nonlocal count, first
@@ -281,12 +285,15 @@ def write_tokens(path: Path, texts: Iterable[tuple[str, int, bool]], tokenizer, 
                     pieces.append(ids)
                     first = False
                 n = sum(map(len, pieces))
-                f.write(np.fromiter(itertools.chain.from_iterable(pieces), dtype, count=n).tobytes())
+                data = np.fromiter(itertools.chain.from_iterable(pieces), dtype, count=n).tobytes()
+                f.write(data)
+                digest.update(data)
                 count += n
                 advance(sum(size for _, size, _ in batch), count)
 
     start = time.monotonic()
     atomic_write(path, write)
+    record_digest(path, digest.hexdigest())
     seconds = time.monotonic() - start
     log.info("tokenized the %s split: %d tokens from %.1f MB in %.1f s (%.0f tokens/s)", name, count,
              total_bytes / 1e6, seconds, count / max(seconds, 1e-9))
@@ -317,10 +324,16 @@ def cached_tokens(cache_dir: Path, split: Split, tokenizer) -> np.ndarray:
     dtype = token_dtype(tokenizer.vocab_size)
     key = _key(TOKENS_FORMAT_VERSION, split.key, tokenizer.fingerprint)
     path = cache_dir / "tokens" / f"{key}-{np.dtype(dtype).name}.bin"
-    if not path.exists():
-        with cache_lock(path):
-            if not path.exists():  # another process may have built it while this one waited
-                write_tokens(path, split.texts(), tokenizer, split.nbytes, split.name)
+    if path.exists() and check_file(path) is None:  # unchanged since it was checked: a stat
+        return open_tokens(path, dtype)
+    with cache_lock(path):  # another process may have built (or checked) it while this one waited
+        distrusted = check_file(path) if path.exists() else None
+        if distrusted is not None:
+            log.warning("the cached tokens of the %s split (%s) %s: tokenizing it again", split.name, path,
+                        distrusted)
+            path.unlink()
+        if not path.exists():
+            write_tokens(path, split.texts(), tokenizer, split.nbytes, split.name)
     return open_tokens(path, dtype)
 
 
