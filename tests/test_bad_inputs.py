@@ -409,3 +409,22 @@ def test_a_gpu_trainer_without_a_gpu_names_the_cpu_setting(tmp_path):
     cfg = compose(["experiment=smoke", "trainer=ddp", "trainer.devices=4"], tmp_path)
     with pytest.raises(ConfigError, match="add trainer.accelerator=cpu"):
         prepare(cfg)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_keep_the_mode_a_plain_open_gives(tmp_path, umask):
+    """Issue 24: files written atomically were 0600 whatever the umask (mkstemp's mode), so a group
+    sharing a run directory could not read them; they get what open() / mkdir would give."""
+    from spikellm.checkpoints.atomic import atomic_torch_save
+
+    old = os.umask(umask)
+    try:
+        json_path = atomic_write_json(tmp_path / "results.json", {"a": 1})
+        atomic_torch_save({"a": 1}, tmp_path / "last.ckpt")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert json_path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -99,6 +100,7 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700: the mode a plain mkdir gives
     except OSError as error:
         raise _refused(target, error, existed) from None
     try:
@@ -120,6 +122,23 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
         if write_failure(error) is not None:
             raise _refused(target, error, existed) from None
         raise
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it back: under a lock, as no other thread may see 0)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _plain_mode(fd: int) -> None:
+    """Give a temporary file (created 0600 by ``tempfile``) the mode a plain ``open()`` would:
+    0644 under umask 022, so a group sharing a run directory can read what a run wrote."""
+    os.fchmod(fd, 0o666 & ~_umask())
 
 
 def atomic_write_json(path, data) -> Path:
@@ -147,6 +166,7 @@ def atomic_write(path, write, binary: bool = False) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _plain_mode(fd)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
@@ -168,6 +188,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     remove_stale_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
     try:
+        _plain_mode(fd)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
