@@ -28,3 +28,18 @@ def check_bool(key: str, value) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, value, "must be true or false")
     return value
+
+
+def check_device(value, key: str = "device") -> str:
+    """The device ``value`` names (``auto``: CUDA when there is one, else the CPU), refused in one
+    line when it is no device or names CUDA on a machine without it."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if value == "auto" else str(value)
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(key, value, "is not a device: give auto, cpu or cuda[:<index>]") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(key, value, "CUDA is not available on this machine: use device=cpu (or auto)")
+    return device

@@ -300,6 +300,11 @@ class _Uncached(_Runner):
         return self.inner.prefill(self.ids, mask)
 
 
+def context_of(model: nn.Module) -> int | None:
+    """The longest sequence :func:`generate` runs ``model`` on (None: unbounded, a recurrent model)."""
+    return _runner(model, True).context
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module :func:`generate` calls: the spikellm model inside a ``transformers`` one
     (:class:`~spikellm.checkpoints.hub.SpikellmForCausalLM`), and a

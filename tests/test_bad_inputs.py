@@ -40,6 +40,9 @@ CLI = [
     ("train.py", ["neuron=ternary,none"], "error: neuron=ternary,none is ambiguous"),
     ("train.py", ["--cfg", "job", "trainer.max_step=3"], "error: trainer.max_step is not a key of the config"),
     ("train.py", ["-m", "neuron=ternary,lif_typo"], "error: neuron=lif_typo is not an option of the neuron group"),
+    # issue 24: a sweep without -m trained one default run with no word
+    ("train.py", ["experiment=spike_sweep"], "error: experiment=spike_sweep is a sweep over budget (9 runs): run "
+                                             "it with -m"),
 ]
 
 
@@ -428,3 +431,17 @@ def test_atomic_writes_keep_the_mode_a_plain_open_gives(tmp_path, umask):
     assert json_path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_spike_objective_errors_name_their_key_once(tmp_path):
+    """Issue 24: they named task.task.spike_loss.* (the task group's prefix applied twice)."""
+    done = run_script("train.py", "task.spike_loss.weight=-1", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]  # after the data's log lines
+    assert line.startswith("error: task.spike_loss.weight=-1 is invalid"), line
+
+
+def test_the_qat_stage_spike_objective_names_its_key_once():
+    with pytest.raises(ConfigError, match=r"^convert\.stages\.qat\.spike_loss\.weight=-1 is invalid"):
+        build({"_target_": "spikellm.posttrain.stages.DistillationQAT", "spike_loss": {"weight": -1}},
+              "convert.stages.qat")

@@ -344,6 +344,19 @@ def test_a_flipped_byte_in_packed_integers_is_refused(broken):
     assert_refused(broken, r"\.qweight are not those it was written with")
 
 
+def test_weights_whose_digests_were_stripped_are_refused(broken):
+    """An edit that also drops the digests from the header is caught by config.json's record of them."""
+    from safetensors import safe_open
+
+    path = str(broken / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    metadata.pop("spikellm_tensor_sha256")
+    tensors["embed_tokens.weight"].neg_()
+    save_file(tensors, path, metadata=metadata)
+    assert_refused(broken, r"the weights do not carry the tensor digests config.json records for them")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_weights_are_refused(broken, value):
     edit_tensors(broken, lambda t: t["norm.weight"].__setitem__(3, value))  # written without digests
@@ -490,8 +503,10 @@ def test_tokenizer_larger_than_the_model(broken, tmp_path):
 
 
 def test_missing_tokenizer(broken):
+    """Issue 24: the message named data.tokenizer_path, a key of training, not the model's."""
     (broken / "tokenizer.json").unlink()
-    assert_refused(broken, "tokenizer")
+    (broken / "tokenizer_config.json").unlink()
+    assert_refused(broken, r"^ckpt=.* holds no tokenizer that can be loaded .*put the model's tokenizer files")
 
 
 def test_bad_backend(checkpoint):

@@ -255,7 +255,8 @@ def test_saved_tokenizer_loads_as_a_hugging_face_tokenizer(pydoc_dm, tmp_path):
 
 
 def test_directory_without_a_tokenizer(tmp_path):
-    with pytest.raises(DataError, match=r"^cannot load a tokenizer from .*data\.tokenizer_path must be") as raised:
+    with pytest.raises(DataError, match=r"^data\.tokenizer_path=.* holds no tokenizer that can be loaded .*Hugging "
+                                        r"Face tokenizer directory") as raised:
         build_tokenizer([], 0, tokenizer_path=tmp_path)
     one_line(raised)
 

@@ -64,10 +64,64 @@ def test_stop_strings_cut_the_continuation(tmp_path):
     (["prompt=x", "temperature=-1"], ConfigError, "temperature"),
     (["prompt='" + "word " * 200 + "'"], ConfigError, "longer than the model's context"),
     (["prompts=/nonexistent.txt"], ConfigError, "no such file"),
+    # issue 24: text where a number goes, 0 and fractions, a device this machine lacks
+    (["prompt=x", "max_new_tokens=abc"], ConfigError, "max_new_tokens='abc'.*integer >= 1"),
+    (["prompt=x", "max_new_tokens=2.5"], ConfigError, "max_new_tokens=2.5.*integer"),
+    (["prompt=x", "seed=abc"], ConfigError, "seed='abc'.*integer >= 0"),
+    (["prompt=x", "top_k=abc"], ConfigError, "top_k='abc'"),
+    (["prompt=x", "temperature=abc"], ConfigError, "temperature='abc'"),
+    (["prompt=x", "repetition_penalty=abc"], ConfigError, "repetition_penalty='abc'"),
+    (["prompt=x", "batch_size=0"], ConfigError, "batch_size=0.*integer >= 1"),
+    (["prompt=x", "batch_size=abc"], ConfigError, "batch_size='abc'"),
+    (["prompt=x", "device=cuda"], ConfigError, "device='cuda'.*CUDA is not available"),
+    (["prompt=x", "device=gpu0"], ConfigError, "device='gpu0'.*not a device"),
 ])
-def test_bad_input_is_one_line(tmp_path, overrides, error, match):
+def test_bad_input_is_one_line(tmp_path, overrides, error, match, monkeypatch):
+    import spikellm.checkpoints.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("a setting was checked after loading"))
+    if "longer than" in match:
+        monkeypatch.undo()
     with pytest.raises(error, match=match):
         run_generation(config(tmp_path, *overrides), out=open("/dev/null", "w"))
+
+
+def test_a_plain_stop_string_is_one_stop_not_its_characters(tmp_path):
+    free = run_generation(config(tmp_path, "prompt='import os'", "temperature=0", "max_new_tokens=12"),
+                          out=open("/dev/null", "w")).records[0]["completion"]
+    stop = free[3:5].strip() or free[3:5]
+    assert len(stop) >= 1
+    cut = run_generation(config(tmp_path / "cut", "prompt='import os'", "temperature=0", "max_new_tokens=12",
+                                f"stop={json.dumps(stop)}"), out=open("/dev/null", "w")).records[0]
+    assert cut["completion"] == free[:free.index(stop)]
+
+
+def test_outputs_and_inputs_are_never_overwritten(tmp_path):
+    """Issue 24: a second run replaced generations.jsonl; output= the prompts file overwrote the
+    prompts; output= a directory failed after all the generation ran. All refused before loading."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\nclass A:\n")
+    first = run_generation(config(tmp_path / "run", f"prompts={prompts}", "temperature=0"))
+    saved = Path(first.output).read_text()
+    for output, match in [(first.output, "already holds generations"), (prompts, "is the prompts file"),
+                          (tmp_path, "is a directory")]:
+        with pytest.raises(ConfigError, match=match):
+            run_generation(config(tmp_path / "run", f"prompts={prompts}", f"output={output}"))
+    assert Path(first.output).read_text() == saved and prompts.read_text() == "import os\nclass A:\n"
+
+
+def test_a_long_prompt_in_a_file_is_named_by_its_line_before_any_is_generated(tmp_path, monkeypatch):
+    import spikellm.generation as generation
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n\nclass A:\n" + "word " * 200 + "\n")
+    monkeypatch.setattr(generation, "generation_energy", lambda *a, **k: pytest.fail("generated before checking"))
+    with pytest.raises(ConfigError, match=rf"prompts={prompts}:4='.* tokens' .*longer than the model's context"):
+        run_generation(config(tmp_path, f"prompts={prompts}"))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"prompt": "x"}\n{"prompt": "  "}\n')
+    with pytest.raises(DataError, match=rf"prompts={blank}:2 has an empty prompt"):
+        run_generation(config(tmp_path, f"prompts={blank}"))
 
 
 def test_a_file_that_is_no_language_model_is_one_line(tmp_path):
@@ -111,3 +165,22 @@ def test_ctrl_c_keeps_the_prompts_already_generated(tmp_path, monkeypatch):
     output = tmp_path / "generations.jsonl"
     assert f"1 of 3 prompts were generated and are written to {output}" in str(raised.value)
     assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["import os"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_eval_refuses_a_second_run_into_one_directory_and_a_missing_device(tmp_path, monkeypatch, device):
+    """Issue 24: a second eval.py into a run directory replaced results.json and energy.png;
+    device=cuda on a CPU machine ended in an AssertionError. Both refused before loading."""
+    import spikellm.checkpoints.loader as loader
+    from spikellm.evaluation.pipeline import run_evaluation
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("refused only after loading"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt={CKPT}", f"paths.output_dir={tmp_path}"])
+    (tmp_path / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(ConfigError, match="already holds the results of an earlier evaluation"):
+        run_evaluation(cfg)
+    assert (tmp_path / "results.json").read_text() == '{"earlier": true}'
+    cfg.device = device
+    with pytest.raises(ConfigError, match=f"device='{device}'.*CUDA is not available"):
+        run_evaluation(cfg)

@@ -289,3 +289,58 @@ def test_no_source_loads_pickles_or_runs_strings():
     assert len(SOURCES) > 20
     found = [call for path in SOURCES for call in unsafe_calls(path)]
     assert not found, found
+
+
+class _Payload:
+    """Unpickling this would call os.system: the safe loader must refuse it, and say so in one line."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/spikellm-pickle-ran",))
+
+
+@pytest.mark.parametrize("kind", ["zip", "raw"])
+def test_a_pickled_hf_checkpoint_with_code_is_one_line(tmp_path, tokenizer, kind):
+    """Issue 24: a Hugging Face directory whose pytorch_model.bin the safe loader refuses ended in
+    PyTorch's UnpicklingError traceback; it is one line naming the file and the fix (and runs nothing)."""
+    import pickle
+
+    import transformers
+
+    directory = tmp_path / "hf"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)).save_pretrained(directory)
+    (directory / "model.safetensors").unlink()
+    tokenizer.save(directory)
+    payload = {"model.embed_tokens.weight": _Payload()}
+    if kind == "zip":
+        torch.save(payload, directory / "pytorch_model.bin")
+    else:
+        (directory / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+    marker = Path("/tmp/spikellm-pickle-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"pytorch_model.bin are a pickle that holds code or objects other than "
+                                        r"tensors, which spikellm refuses to run; convert them to safetensors") as raised:
+        load_model(directory, neuron=NEURON)
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def test_edited_hyper_parameters_of_a_training_checkpoint_are_refused(tmp_path, tokenizer, model_config):
+    """Issue 24: an edit that changes no shape (max_seq_len) loaded and evaluated past the trained
+    context; the checkpoint's digest of its model and neuron groups refuses it (other edits too)."""
+    from spikellm.training.task import CausalLMTask
+
+    task = CausalLMTask(model=model_config, neuron=NEURON)
+    state = {"state_dict": {f"model.{k}": v for k, v in task.model.state_dict().items()},
+             "hyper_parameters": dict(task.hparams), "TextDataModule": {"tokenizer": tokenizer.state()}}
+    task.on_save_checkpoint(state)
+    torch.save(state, tmp_path / "intact.ckpt")
+    assert load_model(tmp_path / "intact.ckpt").model.config.max_seq_len == model_config["max_seq_len"]
+    state["hyper_parameters"]["model"] = {**model_config, "max_seq_len": 4 * model_config["max_seq_len"]}
+    torch.save(state, tmp_path / "edited.ckpt")
+    with pytest.raises(DataError, match=r"edited.ckpt: its hyper_parameters \(model or neuron\) are not those its "
+                                        r"weights were trained with"):
+        load_model(tmp_path / "edited.ckpt")

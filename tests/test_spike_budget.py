@@ -105,7 +105,7 @@ def test_spike_objective_is_not_recorded_without_gradients():
     ({"weigth": 1}, "task.spike_loss.weigth"), ({"per_layer": "yes"}, "task.spike_loss.per_layer")])
 def test_bad_spike_loss_options_name_the_key(options, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        SpikeObjective.from_config(options)
+        SpikeObjective.from_config(options, "task.spike_loss")  # as train.py checks it
 
 
 # ---- threshold rules -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from spikellm.checkpoints.atomic import atomic_directory
-from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, TensorFiles, write_tensors
+from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, TensorFiles, weights_digest, write_tensors
 from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
 from spikellm.errors import DataError
 
@@ -34,6 +34,7 @@ FORMAT_VERSION = 3
 READS = (1, 2, 3)
 RECORD = "spikellm.json"
 DIGEST = "record_digest"
+WEIGHTS_DIGEST = "weights_sha256"  # the record's key binding it to the weights' tensor digests
 
 
 def record_digest(record: dict) -> str:
@@ -66,10 +67,11 @@ def save_converted(model: nn.Module, tokenizer, directory, record: dict, overwri
     config = {**transformers_fields(_config_object(hf_config), tokenizer, None), "format": FORMAT,
               "version": FORMAT_VERSION, "hf_config": hf_config}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        written: dict = {}
+        written, digests = {}, {}
         write_tensors(tmp, cast_as_stored(((rename(name), tensor) for name, tensor in tensors), dtypes, written),
-                      {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes)
+                      {"format": FORMAT, DIGEST: record_digest(record)}, max_shard_bytes, digests)
         config["torch_dtype"] = main_dtype(written, model)
+        record[WEIGHTS_DIGEST] = weights_digest(digests)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
@@ -187,6 +189,7 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32, native:
     if missing or unexpected:
         raise DataError(f"{where} does not match the model {RECORD} describes "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    files.check_digest(record.get(WEIGHTS_DIGEST), RECORD)
     written = files.metadata.get(DIGEST)
     if written is not None and written != record_digest(record):
         raise DataError(f"{directory / RECORD} is not the one its weights were written with (its neuron, layers "

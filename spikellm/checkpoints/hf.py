@@ -3,6 +3,7 @@ dense :class:`~spikellm.models.llama.SpikingLlama` as one (so a model trained he
 the same conversion pipelines as a downloaded checkpoint, and runs in plain ``transformers``)."""
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -178,11 +179,24 @@ def _transformers_load(directory: Path, config, dtype: torch.dtype) -> nn.Module
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True,
                                                                   dtype=dtype)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+        if _refused_pickle(error):
+            raise DataError(f"the weights in {_weight_files(directory)} are a pickle that holds code or objects "
+                            "other than tensors, which spikellm refuses to run; convert them to safetensors (in an "
+                            "environment you trust: save_pretrained(..., safe_serialization=True))") from None
         detail = (str(error).splitlines() or [""])[0][:200]
         raise DataError(f"the weights in {_weight_files(directory)} cannot be loaded ({type(error).__name__}: "
                         f"{detail}); they may be truncated or not match config.json") from None
     return model.eval()
+
+
+def _refused_pickle(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is ``torch.load(weights_only=True)`` refusing a pickle."""
+    while error is not None:
+        if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def load_hf_llama(directory, config, encoder=None, weight_quantizer=None, dtype: torch.dtype = torch.float32):

@@ -69,6 +69,19 @@ def datamodule_state(state: dict) -> dict:
     return next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
 
 
+HPARAMS_DIGEST = "spikellm_model_digest"  # the checkpoint's key binding its model hyper-parameters
+
+
+def model_digest(model: dict, neuron: dict | None) -> str:
+    """SHA-256 of a model's config and neuron groups as a checkpoint stores them: an edit of the
+    hyper-parameters that changes no weight's shape (``max_seq_len``, ``n_heads``) is caught too."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps({"model": model, "neuron": neuron}, sort_keys=True, default=str).encode()
+                          ).hexdigest()
+
+
 def load_training_checkpoint(path: Path, neuron: dict | None = None, dtype=None):
     """``(model, tokenizer, record)`` of a train.py checkpoint, in ``dtype`` (None: as stored);
     ``neuron`` (a neuron group as a dict) replaces the encoders it was trained with."""
@@ -78,6 +91,10 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None, dtype=None)
 
     state = read_training_checkpoint(path)
     hparams = dict(state["hyper_parameters"])
+    recorded = state.get(HPARAMS_DIGEST)  # checkpoints written before it have none
+    if recorded is not None and recorded != model_digest(hparams.get("model"), hparams.get("neuron")):
+        raise DataError(f"{path}: its hyper_parameters (model or neuron) are not those its weights were trained "
+                        "with (they were edited); use the checkpoint as train.py wrote it, or train again")
     if neuron is not None:
         hparams["neuron"] = neuron
     if not isinstance(hparams.get("model"), dict):

@@ -121,11 +121,11 @@ def _load_spiking(path: Path, device: str, backend: str, dtype) -> LoadedModel:
 
 def _load_converted(path: Path, dtype) -> LoadedModel:
     from spikellm.checkpoints.converted import load_converted
-    from spikellm.data.tokenizer import build_tokenizer
+    from spikellm.data.tokenizer import model_tokenizer
     from spikellm.models.hf import LogitsModel
 
     model, record = load_converted(path, dtype, native=True)  # a LLaMA as our own: shared encodings, our cache
-    tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
+    tokenizer = model_tokenizer(path)
     model_type = getattr(model.config, "model_type", "llama")
     return LoadedModel(model if hasattr(model, "spiking_linears") else LogitsModel(model), tokenizer, str(path),
                        {"hf_model_type": model_type, "neuron": record.get("neuron"),
@@ -137,12 +137,12 @@ def _load_hf(path: Path, neuron: dict | None, key: str, dtype) -> LoadedModel:
     spikified in place."""
     from spikellm.checkpoints.hf import hf_config, load_hf_causal_lm, load_hf_llama
     from spikellm.config import build_attention_encoder, build_neuron
-    from spikellm.data.tokenizer import build_tokenizer
+    from spikellm.data.tokenizer import model_tokenizer
     from spikellm.models.hf import LogitsModel
     from spikellm.models.spikify import spikify_from_config
 
     config = hf_config(path, key=key)  # config.json readable and of a supported architecture
-    tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(path))
+    tokenizer = model_tokenizer(path)
     if config.model_type == "llama":
         encoder, weight_quantizer = build_neuron(neuron)
         model = load_hf_llama(path, config, encoder, weight_quantizer, dtype)

@@ -51,15 +51,22 @@ def tensor_digest(tensor: Tensor) -> str:
     return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
 
 
+def weights_digest(digests: dict[str, str]) -> str:
+    """One SHA-256 over every tensor's: what a model's record (config.json) keeps, so weights whose
+    per-tensor digests were stripped or replaced are refused too."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
 def has_weights(directory) -> bool:
     directory = Path(directory)
     return (directory / WEIGHTS).is_file() or (directory / INDEX).is_file()
 
 
 def write_tensors(directory, tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str] | None = None,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, digests: dict[str, str] | None = None) -> list[Path]:
     """Write ``(name, tensor)`` pairs into ``directory`` (a new, temporary directory: callers make
-    the whole write atomic) as one file or as shards with an index; returns the files written."""
+    the whole write atomic) as one file or as shards with an index; returns the files written.
+    ``digests`` receives each tensor's SHA-256 (for :func:`weights_digest`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -72,8 +79,10 @@ def write_tensors(directory, tensors: Iterable[tuple[str, Tensor]], metadata: di
         nonlocal shard, size
         if shard:
             path = directory / f"model-{len(written) + 1:05d}.part"
-            digests = json.dumps({name: tensor_digest(tensor) for name, tensor in shard.items()})
-            save_file(shard, str(path), metadata={**metadata, TENSOR_DIGESTS: digests})
+            shard_digests = {name: tensor_digest(tensor) for name, tensor in shard.items()}
+            if digests is not None:
+                digests.update(shard_digests)
+            save_file(shard, str(path), metadata={**metadata, TENSOR_DIGESTS: json.dumps(shard_digests)})
             written.append((path, list(shard)))
         shard, size = {}, 0
 
@@ -175,6 +184,15 @@ class TensorFiles:
             raise DataError(f"{path} is not a readable safetensors file ({type(error).__name__}: "
                             f"{str(error)[:200]}): it is truncated or corrupt; {self.fix}") from None
         return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    def check_digest(self, recorded: str | None, record: str) -> None:
+        """Refuse weights whose tensor digests are not those ``record`` (a file name) recorded as
+        ``recorded`` (None: a file written before records kept one; nothing to check)."""
+        if recorded is None:
+            return
+        if set(self._digests) != set(self._entries) or weights_digest(self._digests) != recorded:
+            raise DataError(f"{self.directory}: the weights do not carry the tensor digests {record} records for "
+                            f"them (stripped, or the files replaced); {self.fix}")
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -31,7 +31,7 @@ import torch
 
 from spikellm.errors import ConfigError, DataError
 from spikellm.checkpoints.atomic import atomic_directory
-from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, write_tensors
+from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, weights_digest, write_tensors
 from spikellm.checkpoints.weights import cast_as_stored, is_packed_tensor, main_dtype, read_packed, stored_tensors
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
@@ -39,6 +39,7 @@ from spikellm.nn.storage import assign_parameters, empty_names, empty_parameters
 FORMAT = "spikellm-spiking-checkpoint"
 VERSION = 1
 DIGEST = "config_digest"  # the weights' metadata key binding them to config.json
+WEIGHTS_DIGEST = "weights_sha256"  # config.json's key binding it to the weights' tensor digests
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -63,9 +64,11 @@ def save_spiking_checkpoint(model, directory, *, model_config: dict, neuron: dic
     config.update(transformers_fields(model.config, tokenizer, None))
     written: dict = {}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
+        digests: dict[str, str] = {}
         write_tensors(tmp, cast_as_stored(tensors, dtypes, written), {"format": FORMAT, DIGEST: config_digest(config)},
-                      max_shard_bytes)
+                      max_shard_bytes, digests)
         config["torch_dtype"] = main_dtype(written, model)
+        config[WEIGHTS_DIGEST] = weights_digest(digests)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save(tmp)
         write_transformers_files(tmp, config)
@@ -126,7 +129,7 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
     Anything missing, corrupt or inconsistent is a DataError naming it; no partial model is returned.
     """
     from spikellm.config import build, build_attention_encoder, build_neuron
-    from spikellm.data.tokenizer import build_tokenizer
+    from spikellm.data.tokenizer import model_tokenizer
 
     if backend not in BACKENDS:
         raise ConfigError("backend", backend, "must be one of: " + ", ".join(BACKENDS))
@@ -171,6 +174,7 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # an edit that keeps every shape (another n_heads, another encoder) passes the checks above;
     # checkpoints written before the digest have none
+    files.check_digest(config.get(WEIGHTS_DIGEST), "config.json")
     written = files.metadata.get(DIGEST)
     if written is not None and written != config_digest(config):
         raise DataError(f"{directory}/config.json is not the one its weights were written with (its model, neuron "
@@ -188,7 +192,7 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         from spikellm.nn.kernel_linear import use_kernels
 
         use_kernels(model)
-    tokenizer = build_tokenizer([], vocab_size=0, tokenizer_path=str(directory))
+    tokenizer = model_tokenizer(directory)
     if tokenizer.vocab_size > model.config.vocab_size:  # ids the embedding has no row for
         raise DataError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size} embeddings; the tokenizer is not the one it was trained with")

@@ -67,6 +67,7 @@ def check_command_line(config_dir, config_name: str, argv: list[str]) -> None:
         if not args.cfg:  # --cfg prints the config as it is, ??? included
             _check_values(cfg)
             if not args.multirun:
+                _check_sweep_needs_multirun(cfg, args.overrides)
                 _check_run_dir(cfg)
 
 
@@ -333,6 +334,17 @@ def _nodes(node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
         yield key, node, name
         if _plain_container(node, name):
             yield from _nodes(node[name], key)
+
+
+def _check_sweep_needs_multirun(cfg: DictConfig, overrides: list[str]) -> None:
+    """A config that declares a sweep (``hydra.sweeper.params``, as ``experiment=spike_sweep`` does)
+    trains one default run without ``-m``, with no word: refuse it."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if params:
+        where = next((o for o in overrides if o.startswith("experiment=")), "the config")
+        raise OverrideError("", None, f"{where} is a sweep over {', '.join(params)} "
+                                      f"({len(str(next(iter(params.values()))).split(','))} runs): run it with -m "
+                                      "(python train.py -m ...)")
 
 
 def _check_run_dir(cfg: DictConfig) -> None:

@@ -201,15 +201,23 @@ def _as_pretrained(backend: tokenizers.Tokenizer):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
 
 
-def _load_pretrained(path: Path) -> Tokenizer:
+def model_tokenizer(directory, key: str = "ckpt") -> Tokenizer:
+    """The tokenizer saved beside a model's weights; a directory without one is a DataError naming
+    ``key`` (the model's setting, not the training data's ``data.tokenizer_path``)."""
+    return _load_pretrained(Path(directory).expanduser(), key, "put the model's tokenizer files (tokenizer.json, "
+                                                               "tokenizer_config.json) beside its weights")
+
+
+def _load_pretrained(path: Path, key: str = "data.tokenizer_path",
+                     fix: str = "it must be a Hugging Face tokenizer directory (save_pretrained)") -> Tokenizer:
     import transformers
 
     try:
         backend = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... with multi-line hints
         detail = str(e).strip().splitlines()
-        raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {detail[0] if detail else ''}); "
-                        f"data.tokenizer_path must be a Hugging Face tokenizer directory (save_pretrained)") from e
+        raise DataError(f"{key}={path} holds no tokenizer that can be loaded ({type(e).__name__}: "
+                        f"{detail[0][:160] if detail else ''}); {fix}") from None
     return Tokenizer(backend)
 
 

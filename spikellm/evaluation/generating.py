@@ -25,64 +25,99 @@ class GenerationRun:
     output: str | None
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a ``.txt`` file (one per non-blank line) or a ``.jsonl`` file (``{"prompt": ...}``
-    per line); an empty or malformed file is one line naming it."""
+def read_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """``(where, prompt)`` of each prompt of a ``.txt`` file (one per non-blank line) or a
+    ``.jsonl`` file (``{"prompt": ...}`` per line), ``where`` naming its line (``prompts=<file>:<n>``);
+    an empty or malformed file, or an empty prompt, is one line naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError("prompts", str(path), "no such file; pass a .txt (one prompt per line) or .jsonl file")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [(f"prompts={path}:{number}", line)
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"prompts={path} cannot be read ({type(error).__name__}: {error})") from None
     if path.suffix == ".jsonl":
         prompts = []
-        for number, line in enumerate(lines, 1):
+        for where, line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"prompts={path}:{number} is not JSON ({error.msg})") from None
+                raise DataError(f"{where} is not JSON ({error.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise DataError(f"prompts={path}:{number} has no \"prompt\" string")
-            prompts.append(record["prompt"])
+                raise DataError(f"{where} has no \"prompt\" string")
+            if not record["prompt"].strip():
+                raise DataError(f"{where} has an empty prompt: give the text to continue, or drop the line")
+            prompts.append((where, record["prompt"]))
         lines = prompts
     if not lines:
         raise DataError(f"prompts={path} holds no prompt")
     return lines
 
 
+def check_settings(cfg: DictConfig) -> str:
+    """Every generate.py setting, before anything is loaded: one ConfigError line for the first
+    that is wrong; returns the device to run on."""
+    from spikellm.checkpoints.atomic import check_writable
+    from spikellm.checks import check_device, check_int
+    from spikellm.generation import check_options
+
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise ConfigError("prompt", cfg.prompt, "give one of prompt=\"...\" (streamed) or prompts=<file.txt|jsonl>")
+    if cfg.prompt is not None and not str(cfg.prompt).strip():
+        raise ConfigError("prompt", cfg.prompt, "is empty: give the text to continue")
+    check_options(**{key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                "repetition_penalty")})
+    check_int("seed", cfg.seed, 0)
+    check_int("batch_size", cfg.batch_size, 1)
+    if any(not stop for stop in stop_strings(cfg.stop)):
+        raise ConfigError("stop", cfg.stop, "an empty stop string would end every continuation at once")
+    device = check_device(cfg.device)
+    if cfg.prompts is not None:
+        output = Path(cfg.output).expanduser()
+        if output.resolve() == Path(cfg.prompts).expanduser().resolve():
+            raise ConfigError("output", str(output), "is the prompts file, which would be overwritten: give another path")
+        if output.is_dir():
+            raise ConfigError("output", str(output), "is a directory: give the path of the .jsonl file to write")
+        if output.exists():
+            raise ConfigError("output", str(output), "already holds generations (of an earlier run): give another "
+                                                     "path or another hydra.run.dir; nothing is overwritten")
+        check_writable(output.parent, key="output")
+    return device
+
+
+def stop_strings(stop) -> list[str]:
+    """``stop=`` as strings: a plain string is one stop string (not its characters), a list is several."""
+    if stop is None:
+        return []
+    return [str(stop)] if isinstance(stop, str) else [str(s) for s in stop]
+
+
 def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     """Load ``cfg.ckpt``, generate for ``cfg.prompt`` (streamed to ``out``) or each prompt of
     ``cfg.prompts`` (JSONL to ``cfg.output``), counting operations on ``cfg.energy``."""
     from spikellm.checkpoints import load_model
-    from spikellm.checkpoints.atomic import atomic_write_text, check_writable
-    from spikellm.generation import check_options, generation_energy
+    from spikellm.checkpoints.atomic import atomic_write_text
+    from spikellm.generation import generation_energy
 
-    if (cfg.prompt is None) == (cfg.prompts is None):
-        raise ConfigError("prompt", cfg.prompt, "give one of prompt=\"...\" (streamed) or prompts=<file.txt|jsonl>")
-    prompts = [str(cfg.prompt)] if cfg.prompt is not None else read_prompts(cfg.prompts)
-    if any(not prompt.strip() for prompt in prompts):
-        raise ConfigError("prompt", cfg.prompt, "is empty: give the text to continue")
-    stops = [str(stop) for stop in (cfg.stop or [])]
-    if any(not stop for stop in stops):
-        raise ConfigError("stop", stops, "an empty stop string would end every continuation at once")
-    if cfg.prompts is not None:
-        check_writable(Path(cfg.output).expanduser().parent, key="output")
+    device = check_settings(cfg)  # every setting before a billion weights are read, not after
+    numbered = [("prompt", str(cfg.prompt))] if cfg.prompt is not None else read_prompts(cfg.prompts)
+    prompts = [prompt for _, prompt in numbered]
+    stops = stop_strings(cfg.stop)
     cost = build(cfg.energy, "energy")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     sampling = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
-    check_options(**sampling)  # every setting before a billion weights are read, not after
     sampling.update({key: float(sampling[key]) for key in ("temperature", "top_p", "repetition_penalty")})
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
                         dtype=cfg.get("dtype", "auto"))
     tokenizer = loaded.tokenizer
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    _check_lengths(loaded.model, numbered, encoded)  # all of them, before the first is generated
     options = dict(**sampling, eos_token_id=tokenizer.eos_id,
                    stop=(lambda ids: any(stop in tokenizer.decode(ids) for stop in stops)) if stops else None)
     streamed = _Stream(tokenizer, out, prompts[0]) if cfg.prompt is not None else None
     records, generated, seconds, reports = [], 0, 0.0, []
-    size = max(1, int(cfg.batch_size))
+    size = int(cfg.batch_size)
     def write(records: list[dict]) -> str:
         return str(atomic_write_text(Path(cfg.output).expanduser(),
                                      "".join(json.dumps(record) + "\n" for record in records)))
@@ -110,6 +145,19 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
         streamed.finish()
     output = write(records) if cfg.prompts is not None else None
     return GenerationRun(records, generated / seconds if seconds else 0.0, _energy(reports), output)
+
+
+def _check_lengths(model, numbered: list[tuple[str, str]], encoded: list[list[int]]) -> None:
+    """Each prompt must fit the model's context; the first that does not is named (its file line)."""
+    from spikellm.generation import context_of
+
+    context = context_of(model)
+    for (where, _), ids in zip(numbered, encoded):
+        if not ids:
+            raise ConfigError(where, "", "encodes to no token: give some text to continue")
+        if context is not None and len(ids) > context:
+            raise ConfigError(where, f"{len(ids)} tokens", f"longer than the model's context of {context} tokens: "
+                                                           "shorten the prompt")
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from spikellm.checks import check_int
+from spikellm.checks import check_device, check_int
 from spikellm.config import build
-from spikellm.errors import SpikeLLMError
+from spikellm.errors import ConfigError, SpikeLLMError
 from spikellm.checkpoints.atomic import atomic_write_json, check_writable
 
 
@@ -23,12 +23,17 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     from spikellm.checkpoints import load_model
     from spikellm.evaluation.perplexity import evaluation_text, perplexity
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = check_device(cfg.device)
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     cost = build(cfg.energy, "energy")
     if cfg.perplexity.seqlen is not None:  # null is the default window; 0 would mean nothing at all
         check_int("perplexity.seqlen", cfg.perplexity.seqlen, 2)
-    check_writable(Path(cfg.results).parent, key="results")  # before minutes of evaluation, not after
+    results_path = Path(cfg.results).expanduser()
+    if results_path.exists():  # a second eval.py into one run directory replaced the first's results
+        raise ConfigError("results", str(results_path), "already holds the results of an earlier evaluation: give "
+                                                        "another hydra.run.dir (or results=<path>); nothing is "
+                                                        "overwritten")
+    check_writable(results_path.parent, key="results")  # before minutes of evaluation, not after
     for key in ("export", "export_hf"):  # their directories must not exist yet: their parents must be writable
         if cfg.get(key):
             check_writable(Path(cfg[key]).expanduser().parent, key=key)
@@ -36,7 +41,6 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
                         dtype=cfg.get("dtype", "auto"))
     model = loaded.model
     if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)
-        from spikellm.errors import ConfigError
         from spikellm.models.matmulfree import MatMulFreeLM, set_hardware_mode
 
         if not isinstance(model, MatMulFreeLM):
@@ -108,7 +112,6 @@ def _held_out(record: dict, dataset: str) -> dict:
 def _export_spiking(loaded, results: dict, cfg) -> str:
     """Write the evaluated model as a spiking checkpoint whose card carries this evaluation."""
     from spikellm.checkpoints.spiking import save_spiking_checkpoint
-    from spikellm.errors import ConfigError
 
     if "model" not in loaded.config:
         raise ConfigError("export", cfg.export, "spiking checkpoints are written for train.py models "

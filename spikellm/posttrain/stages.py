@@ -190,7 +190,7 @@ class DistillationQAT:
         from spikellm.training.spike_loss import SpikeObjective
 
         self.max_steps = check_int("max_steps", max_steps, 1)
-        SpikeObjective.from_config(spike_loss, "convert.stages.qat.spike_loss")  # refused here, before any work
+        SpikeObjective.from_config(spike_loss)  # refused here, before any work (build() prefixes the stage's key)
         self.options = dict(lr=check_float("lr", lr, 0.0, 1.0, low_open=True),
                             weight_decay=check_float("weight_decay", weight_decay, 0.0, 10.0),
                             warmup_steps=check_int("warmup_steps", warmup_steps, 0),

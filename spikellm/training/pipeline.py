@@ -91,6 +91,9 @@ def prepare(cfg: DictConfig):
     if hasattr(model_config, "check_neuron"):  # an architecture that refuses some neuron groups
         model_config.check_neuron(cfg.neuron)
     _check_cross_group(cfg, model_config)
+    from spikellm.training.spike_loss import SpikeObjective
+
+    SpikeObjective.from_config(cfg.task.get("spike_loss"), "task.spike_loss")  # before the data, not after it
     datamodule = build(cfg.data, "data")
     datamodule.setup("fit")
     if datamodule.vocab_size > model_config.vocab_size:

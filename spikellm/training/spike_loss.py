@@ -32,7 +32,7 @@ class SpikeObjective:
     per_layer: bool = False
 
     @classmethod
-    def from_config(cls, options: dict | None, key: str = "task.spike_loss") -> "SpikeObjective":
+    def from_config(cls, options: dict | None, key: str = "spike_loss") -> "SpikeObjective":
         options = dict(options or {})
         unknown = sorted(set(options) - {"weight", "target", "per_layer"})
         if unknown:

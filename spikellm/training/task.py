@@ -36,7 +36,7 @@ class LanguageModelTask(pl.LightningModule):
         super().__init__()
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
-        self.spike_objective = SpikeObjective.from_config(spike_loss)
+        self.spike_objective = SpikeObjective.from_config(spike_loss)  # build() prefixes task.
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -135,6 +135,13 @@ class CausalLMTask(LanguageModelTask):
         check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps)
         self.save_hyperparameters()
         self.model = build_model(model, neuron)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from spikellm.checkpoints.lightning import HPARAMS_DIGEST, model_digest
+
+        # eval.py rebuilds the model from these hyper-parameters: an edit that keeps every shape
+        # (max_seq_len, n_heads) would load and compute something else
+        checkpoint[HPARAMS_DIGEST] = model_digest(self.hparams["model"], self.hparams.get("neuron"))
 
 
 def check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps) -> None:
