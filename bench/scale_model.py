@@ -25,7 +25,7 @@ def build_model_dir(out: Path, layers: int = 22, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    from spikellm.checkpoints.atomic import atomic_directory
+    from spikellm.io import atomic_directory
     from spikellm.data.corpus import load_documents
     from spikellm.data.tokenizer import build_tokenizer
 

@@ -7,11 +7,14 @@ display at a time, so a bar opened while another is showing advances nothing and
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 Advance = Callable[[float], None]
+PROGRESS_MIN_BYTES = 8 << 20  # less text than this takes about a second: no byte bar
 
 
 def _nothing(amount: float = 1.0) -> None:
@@ -57,3 +60,32 @@ def per_block(blocks, advance: Advance, amount: float = 1.0) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def is_local_rank_zero() -> bool:
+    """Whether this is the process that shows progress bars (a DDP job's other processes wait on
+    the cache's locks, silently)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@contextmanager
+def byte_progress(description: str, total_bytes: int):
+    """A rich progress bar over ``total_bytes`` of text, with tokens/s; yields ``advance(bytes, tokens_so_far)``."""
+    if total_bytes < PROGRESS_MIN_BYTES or not is_local_rank_zero():
+        yield lambda done, tokens=None: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    start = time.monotonic()
+    with Progress(*columns, console=Console(file=sys.stderr), refresh_per_second=2) as bar:
+        task = bar.add_task(description, total=total_bytes, rate="")
+
+        def advance(done: int, tokens: int | None = None):
+            rate = "" if tokens is None else f"{tokens / max(time.monotonic() - start, 1e-9):,.0f} tokens/s"
+            bar.update(task, advance=done, rate=rate)
+
+        yield advance

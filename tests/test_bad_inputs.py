@@ -11,7 +11,7 @@ from conftest import CONF, ROOT, compose, run_script
 from spikellm.config import build, build_neuron
 from spikellm.config.cli import check_command_line
 from spikellm.errors import ConfigError, DataError, OverrideError
-from spikellm.checkpoints.atomic import atomic_directory, atomic_write_json, check_writable
+from spikellm.io import atomic_directory, atomic_write_json, check_writable
 
 
 def one_error_line(done) -> str:
@@ -251,7 +251,7 @@ def test_check_writable_refuses_a_file(tmp_path):
                                          (errno.EROFS, "read-only file system"),
                                          (errno.EACCES, "permission denied")])
 def test_check_writable_names_the_os_reason(tmp_path, monkeypatch, code, reason):
-    import spikellm.checkpoints.atomic as atomic
+    import spikellm.io as atomic
 
     monkeypatch.setattr(atomic.os, "write", raiser(code))
     with pytest.raises(ConfigError) as error:
@@ -280,7 +280,7 @@ def test_full_disk_in_an_atomic_directory_keeps_the_previous_one(tmp_path):
 
 
 def test_read_only_at_the_rename_puts_the_previous_one_back(tmp_path, monkeypatch):
-    import spikellm.checkpoints.atomic as atomic
+    import spikellm.io as atomic
 
     target = tmp_path / "export"
     target.mkdir()
@@ -418,7 +418,7 @@ def test_a_gpu_trainer_without_a_gpu_names_the_cpu_setting(tmp_path):
 def test_atomic_writes_keep_the_mode_a_plain_open_gives(tmp_path, umask):
     """Issue 24: files written atomically were 0600 whatever the umask (mkstemp's mode), so a group
     sharing a run directory could not read them; they get what open() / mkdir would give."""
-    from spikellm.checkpoints.atomic import atomic_torch_save
+    from spikellm.io import atomic_torch_save
 
     old = os.umask(umask)
     try:

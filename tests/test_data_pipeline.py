@@ -187,7 +187,7 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_warning(files, caplog, how):
 
 def test_a_touched_but_intact_token_cache_is_hashed_once(files, monkeypatch):
     """A changed stamp (a copy, a touch) costs one full hash, then the new stamp is trusted."""
-    from spikellm.data import integrity
+    from spikellm.data import cache as integrity
 
     first = module(files, path=str(files / "train.txt"))
     path = Path(first.train_tokens.filename)

@@ -14,9 +14,7 @@ from conftest import ROOT
 # specific entry names.
 LAYERS = [
     ("spikellm.errors",),
-    # atomic writes: energy reports, the data cache and the config's write probe write files too,
-    # so checkpoints/atomic.py imports nothing above errors and sits at the bottom
-    ("spikellm.checks", "spikellm.checkpoints.atomic", "spikellm.progress"),
+    ("spikellm.checks", "spikellm.io", "spikellm.progress"),  # argument checks, atomic writes, progress bars
     ("spikellm.config", "spikellm.ops"),  # config builds what it names by importlib, not by import
     ("spikellm.neurons", "spikellm.quant", "spikellm.kernels"),
     ("spikellm.nn",),

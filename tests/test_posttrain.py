@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from spikellm.data.calibration import calibration_samples
 from spikellm.errors import ConfigError, DataError
-from spikellm.checkpoints.atomic import atomic_directory
+from spikellm.io import atomic_directory
 from spikellm.models import LlamaConfig
 from spikellm.checkpoints.hf import load_hf_causal_lm, save_hf_llama, to_hf_llama
 from spikellm.models.hf import causal_lm_logits

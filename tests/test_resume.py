@@ -151,7 +151,7 @@ def test_data_order_is_a_function_of_seed_and_epoch():
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    from spikellm.checkpoints import atomic
+    from spikellm import io as atomic
     from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
     io_plugin, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"

@@ -100,7 +100,7 @@ PAYLOADS = {
     "through a spikellm module's import": lambda m, n, marker: (
         {"_target_": "spikellm.models.llama.torch.save", "_args_": [{}, str(marker)]}, n),
     "a spikellm function that writes": lambda m, n, marker: (
-        {"_target_": "spikellm.checkpoints.atomic.atomic_write_json", "path": str(marker), "data": {}}, n),
+        {"_target_": "spikellm.io.atomic_write_json", "path": str(marker), "data": {}}, n),
     "a dunder path": lambda m, n, marker: ({"_target_": "spikellm.models.__builtins__", "x": str(marker)}, n),
     "an interpolation": lambda m, n, marker: ({**m, "dim": "${oc.env:HOME}"}, n),
     "a target that is not a string": lambda m, n, marker: ({**m, "_target_": ["pathlib.Path.touch"]}, n),

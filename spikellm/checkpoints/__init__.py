@@ -1,19 +1,17 @@
-"""Every model file spikellm reads or writes, one module per on-disk format:
+"""Every model file spikellm reads or writes, one module per on-disk format (written through
+:mod:`spikellm.io`, so never left half-done):
 
-- :mod:`~spikellm.checkpoints.atomic`: writes that are never left half-done (files, directories,
-  ``torch.save``) and one-line reasons when a write fails; it imports nothing of spikellm but its
-  errors, so every layer may write through it;
 - :mod:`~spikellm.checkpoints.lightning`: train.py's ``.ckpt`` (atomic saves, the one reader);
 - :mod:`~spikellm.checkpoints.spiking`: the spiking checkpoint (packed integer weights, encoders);
 - :mod:`~spikellm.checkpoints.converted`: a converted Hugging Face model (``spikellm.json``);
 - :mod:`~spikellm.checkpoints.hf`: Hugging Face directories, read and written;
-- :mod:`~spikellm.checkpoints.loader`: :func:`load_model`, which recognises any of them.
+- :mod:`~spikellm.checkpoints.loader`: :func:`load_model`, which recognises any of them;
 - :mod:`~spikellm.checkpoints.auto`, :mod:`~spikellm.checkpoints.hub_config`,
   :mod:`~spikellm.checkpoints.hub`, :mod:`~spikellm.checkpoints.registration`: the same
   directories as ``transformers`` models (``AutoModelForCausalLM``), and
   :mod:`~spikellm.checkpoints.card`, their model card.
 
-Imports here are lazy, so ``spikellm.checkpoints.atomic`` stays as light as it is.
+Imports here are lazy: importing one of them loads no other.
 """
 from __future__ import annotations
 

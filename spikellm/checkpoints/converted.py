@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spikellm.checkpoints.atomic import atomic_directory
+from spikellm.io import atomic_directory
 from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, TensorFiles, weights_digest, write_tensors
 from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
 from spikellm.errors import DataError

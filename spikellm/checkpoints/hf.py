@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spikellm.checkpoints.atomic import atomic_directory
+from spikellm.io import atomic_directory
 from spikellm.errors import ConfigError, DataError
 from spikellm.models.spikify import SPIKING_PROJECTIONS, SUPPORTED
 

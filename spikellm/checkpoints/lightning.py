@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from spikellm.checkpoints.atomic import atomic_torch_save, write_failure
+from spikellm.io import atomic_torch_save, write_failure
 from spikellm.errors import DataError
 
 

@@ -240,11 +240,11 @@ class TensorFiles:
     @contextmanager
     def progress(self, description: str):
         """A progress bar (bytes, rate, time left) over reading every tensor, for large files."""
-        from spikellm.data.tokens import progress
+        from spikellm.progress import byte_progress
 
         log.info("%s: %d tensors, %.2f GB in %d file(s)", description, len(self._entries), self.nbytes / 1e9,
                  len({entry[0] for entry in self._entries.values()}))
-        with progress(description, self.nbytes) as advance:
+        with byte_progress(description, self.nbytes) as advance:
             self._advance = advance
             try:
                 yield

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from spikellm.errors import ConfigError, DataError
-from spikellm.checkpoints.atomic import atomic_directory
+from spikellm.io import atomic_directory
 from spikellm.checkpoints.shards import DEFAULT_SHARD_BYTES, WEIGHTS, TensorFiles, weights_digest, write_tensors
 from spikellm.checkpoints.weights import cast_as_stored, is_packed_tensor, main_dtype, read_packed, stored_tensors
 from spikellm.nn.spiking_linear import SpikingLinear

@@ -362,7 +362,7 @@ def _check_run_dir(cfg: DictConfig) -> None:
         return
     if not run_dir:
         return
-    from spikellm.checkpoints.atomic import write_failure
+    from spikellm.io import write_failure
 
     path = Path(str(run_dir)).expanduser().absolute()
     existing = path

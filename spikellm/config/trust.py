@@ -12,7 +12,7 @@ from spikellm.errors import DataError
 # A checkpoint records the model and neuron groups it was built from; their ``_target_`` values
 # name spikellm's model configs, encoders and weight quantizers: classes that live here, whose
 # constructors only build modules in memory. Anything else (another package, a function such as
-# spikellm.checkpoints.atomic.atomic_write_json that writes files, a path through an imported module such as
+# spikellm.io.atomic_write_json that writes files, a path through an imported module such as
 # ``spikellm.models.llama.torch.save``) is refused before anything is built.
 TRUSTED_MODULES = ("spikellm.models", "spikellm.neurons", "spikellm.quant", "spikellm.nn")
 _TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")

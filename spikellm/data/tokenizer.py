@@ -12,8 +12,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from spikellm.checkpoints.atomic import atomic_write as checkpoints_atomic_write
-from spikellm.data.integrity import check_file, record_digest
+from spikellm.data.cache import cache_lock, check_file, record_digest, write_cache_file
+from spikellm.progress import byte_progress, is_local_rank_zero
 from spikellm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,6 @@ def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: st
     yields (streamed, with a progress bar over ``total_bytes``: never listed), cached under
     ``cache_dir`` by ``corpus_key`` (what identifies those texts) and the settings; built once
     under a file lock, so concurrent processes wait and load it."""
-    from spikellm.data.tokens import cache_lock, progress
-
     def counted(advance):
         for text, size in texts():
             yield text
@@ -146,24 +144,13 @@ def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: st
             if not cache.exists():
                 log.info("training a %d-token byte-level BPE on %.1f MB of text", vocab_size, total_bytes / 1e6)
                 start = time.monotonic()
-                with progress("training the BPE tokenizer", total_bytes) as advance:
+                with byte_progress("training the BPE tokenizer", total_bytes) as advance:
                     backend = _train_bpe(counted(advance), vocab_size)
                 serialized = backend.to_str().encode()
-                atomic_write(cache, lambda f: f.write(serialized))
+                write_cache_file(cache, lambda f: f.write(serialized))
                 record_digest(cache, hashlib.sha256(serialized).hexdigest())
                 log.info("trained the BPE in %.1f s", time.monotonic() - start)
     return Tokenizer(tokenizers.Tokenizer.from_file(str(cache)))
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """A cache file written whole or not at all (:func:`spikellm.checkpoints.atomic.atomic_write`,
-    binary); a cache directory that cannot be created names ``data.cache_dir``."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
-                          "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
-    checkpoints_atomic_write(path, write, binary=True)
 
 
 def digest_documents(documents: Iterable[str], salt: str) -> str:
@@ -187,12 +174,6 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None)
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte, seen or not
     backend.train_from_iterator(iter(texts), trainer=trainer, length=length)
     return backend
-
-
-def is_local_rank_zero() -> bool:
-    """Whether this is the process that shows progress bars (a DDP job's other processes wait on
-    the cache's locks, silently)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _as_pretrained(backend: tokenizers.Tokenizer):

@@ -15,7 +15,7 @@ Nothing here holds a corpus or its token ids whole, so memory does not grow with
 Token files are raw arrays, ``uint16`` when the vocabulary fits, else ``uint32``:
 ``tokens/<key>-<dtype>.bin`` under the cache directory, ``<key>`` hashing the split's text,
 how it was split and the tokenizer; beside each, the SHA-256 of its bytes
-(:mod:`spikellm.data.integrity`): a file edited, truncated or without a digest is tokenized again
+(:mod:`spikellm.data.cache`): a file edited, truncated or without a digest is tokenized again
 with one warning, never read.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from spikellm.data.corpus import TextFile
-from spikellm.data.integrity import check_file, record_digest
-from spikellm.data.tokenizer import atomic_write, is_local_rank_zero
+from spikellm.data.cache import cache_lock, check_file, record_digest, write_cache_file
 from spikellm.errors import ConfigError
+from spikellm.progress import byte_progress
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ TOKENS_FORMAT_VERSION = "eos-between-documents-chunked-v2"
 CHUNK_BYTES = 64 << 10  # text per tokenizer input: enough to amortise a call, small enough to share out over the cores
 BATCH_BYTES = 4 << 20  # text per encode_batch call (the Rust backend spreads a batch's chunks over the cores)
 MEMO_MIN_BYTES = 1 << 20  # files whose scan is remembered (smaller ones are read again: it is quick)
-PROGRESS_MIN_BYTES = 8 << 20  # smaller corpora take about a second: no progress bar
 
 @dataclass
 class Scan:
@@ -99,7 +98,8 @@ def _check_file(doc: TextFile, memo_dir: Path | None) -> tuple[bytes, bool, int]
     except (OSError, ValueError, KeyError):
         pass
     digest, has_text, chars = doc.check()
-    atomic_write(memo, lambda f: f.write(json.dumps({"sha256": digest.hex(), "text": has_text, "chars": chars}).encode()))
+    record = {"sha256": digest.hex(), "text": has_text, "chars": chars}
+    write_cache_file(memo, lambda f: f.write(json.dumps(record).encode()))
     return digest, has_text, chars
 
 
@@ -276,7 +276,7 @@ def write_tokens(path: Path, texts: Iterable[tuple[str, int, bool]], tokenizer, 
 
     def write(f):
         nonlocal count, first
-        with progress(f"tokenizing the {name} split", total_bytes) as advance:
+        with byte_progress(f"tokenizing the {name} split", total_bytes) as advance:
             for batch in _batches(texts, BATCH_BYTES):
                 pieces = []
                 for (_, _, starts), ids in zip(batch, tokenizer.encode_batch([text for text, _, _ in batch])):
@@ -292,7 +292,7 @@ def write_tokens(path: Path, texts: Iterable[tuple[str, int, bool]], tokenizer, 
                 advance(sum(size for _, size, _ in batch), count)
 
     start = time.monotonic()
-    atomic_write(path, write)
+    write_cache_file(path, write)
     record_digest(path, digest.hexdigest())
     seconds = time.monotonic() - start
     log.info("tokenized the %s split: %d tokens from %.1f MB in %.1f s (%.0f tokens/s)", name, count,
@@ -335,47 +335,6 @@ def cached_tokens(cache_dir: Path, split: Split, tokenizer) -> np.ndarray:
         if not path.exists():
             write_tokens(path, split.texts(), tokenizer, split.nbytes, split.name)
     return open_tokens(path, dtype)
-
-
-@contextmanager
-def cache_lock(path: Path):
-    """Hold ``path``'s lock; clear the temporaries a killed writer left (whoever wrote them held the lock)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{path}.lock")
-        lock.acquire()
-    except OSError as e:
-        raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
-                          "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
-    try:
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        yield
-    finally:
-        lock.release()
-
-
-@contextmanager
-def progress(description: str, total_bytes: int):
-    """A rich progress bar over ``total_bytes`` of text, with tokens/s; yields ``advance(bytes, tokens_so_far)``."""
-    if total_bytes < PROGRESS_MIN_BYTES or not is_local_rank_zero():
-        yield lambda done, tokens=None: None
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-
-    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    start = time.monotonic()
-    with Progress(*columns, console=Console(file=sys.stderr), refresh_per_second=2) as bar:
-        task = bar.add_task(description, total=total_bytes, rate="")
-
-        def advance(done: int, tokens: int | None = None):
-            rate = "" if tokens is None else f"{tokens / max(time.monotonic() - start, 1e-9):,.0f} tokens/s"
-            bar.update(task, advance=done, rate=rate)
-
-        yield advance
 
 
 class TokenBlocks(Dataset):

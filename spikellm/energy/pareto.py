@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(points, costs)
         out = Path(args.out or args.dirs[0])
         out.mkdir(parents=True, exist_ok=True)
-        from spikellm.checkpoints.atomic import atomic_write_text
+        from spikellm.io import atomic_write_text
 
         atomic_write_text(out / "pareto.md", table)
         figure = save_figure(points, costs, out / "pareto.png")

@@ -247,7 +247,7 @@ class EnergyReport:
 
     def save_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` atomically (a kill never leaves half a report)."""
-        from spikellm.checkpoints.atomic import atomic_write_json
+        from spikellm.io import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

@@ -58,7 +58,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
 def check_settings(cfg: DictConfig) -> str:
     """Every generate.py setting, before anything is loaded: one ConfigError line for the first
     that is wrong; returns the device to run on."""
-    from spikellm.checkpoints.atomic import check_writable
+    from spikellm.io import check_writable
     from spikellm.checks import check_device, check_int
     from spikellm.generation import check_options
 
@@ -97,7 +97,7 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     """Load ``cfg.ckpt``, generate for ``cfg.prompt`` (streamed to ``out``) or each prompt of
     ``cfg.prompts`` (JSONL to ``cfg.output``), counting operations on ``cfg.energy``."""
     from spikellm.checkpoints import load_model
-    from spikellm.checkpoints.atomic import atomic_write_text
+    from spikellm.io import atomic_write_text
     from spikellm.generation import generation_energy
 
     device = check_settings(cfg)  # every setting before a billion weights are read, not after

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from spikellm.checks import check_device, check_int
 from spikellm.config import build
 from spikellm.errors import ConfigError, SpikeLLMError
-from spikellm.checkpoints.atomic import atomic_write_json, check_writable
+from spikellm.io import atomic_write_json, check_writable
 
 
 log = logging.getLogger(__name__)

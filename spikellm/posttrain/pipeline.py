@@ -125,7 +125,7 @@ def run_conversion(cfg: DictConfig) -> ConversionResult:
     same command with the same ``hydra.run.dir`` goes on from there."""
     import lightning.pytorch as pl
 
-    from spikellm.checkpoints.atomic import check_writable
+    from spikellm.io import check_writable
     from spikellm.posttrain.state import ConversionState, config_digest
 
     start = time.perf_counter()
@@ -247,7 +247,7 @@ def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: floa
 def _write_energy(output_dir: Path, before, after) -> None:
     """``energy.json``: the per-layer operations and energy of the validation tokens, before the
     stages and after (what activation sparsity saves shows here)."""
-    from spikellm.checkpoints.atomic import atomic_write_json
+    from spikellm.io import atomic_write_json
 
     atomic_write_json(output_dir / "energy.json", {"before": before.to_dict(), "after": after.to_dict()})
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from spikellm.checkpoints.atomic import atomic_directory, atomic_write_json
+from spikellm.io import atomic_directory, atomic_write_json
 from spikellm.checkpoints.shards import TensorFiles, write_tensors
 from spikellm.checkpoints.weights import is_packed_tensor, read_packed, stored_tensors
 from spikellm.errors import ConfigError, DataError

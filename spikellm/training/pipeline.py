@@ -19,7 +19,7 @@ from spikellm.config import build, build_attention_encoder, build_neuron
 from spikellm.errors import ConfigError
 from spikellm.training.resume import (check_same_model, read_resume_checkpoint, refuse_overwrite, resolve_ckpt_path,
                                       run_directory_lock)
-from spikellm.checkpoints.atomic import check_writable
+from spikellm.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _run_training(cfg: DictConfig, output_dir: Path) -> TrainResult:
 
     import lightning.pytorch as pl
 
-    from spikellm.checkpoints.atomic import remove_stale_temporaries
+    from spikellm.io import remove_stale_temporaries
     from spikellm.checkpoints.lightning import AtomicCheckpointIO
 
     remove_stale_temporaries(output_dir / "checkpoints")  # halves of saves a kill cut short
@@ -203,7 +203,7 @@ def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
     read many runs (``spikellm-pareto``); the energy counts themselves are in ``energy.json``."""
     from omegaconf import OmegaConf
 
-    from spikellm.checkpoints.atomic import atomic_write_json
+    from spikellm.io import atomic_write_json
 
     from spikellm.config.cli import run_overrides
 

@@ -1,4 +1,5 @@
-"""Content digests of the data cache's files (token files, trained tokenizers).
+"""The data cache's files (token files, trained tokenizers): built once under a lock, written
+whole or not at all, and checked by content digest before they are read.
 
 Each cached file ``F`` has a sidecar ``F.sha256.json``: the SHA-256 of its bytes, computed as it
 was written, and the file's stamp (size, modification time, inode) when that digest was last
@@ -11,9 +12,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Callable
 
-from spikellm.checkpoints.atomic import atomic_write
+from filelock import FileLock
+
+from spikellm.errors import ConfigError
+from spikellm.io import atomic_write
+
+@contextmanager
+def cache_lock(path: Path):
+    """Hold ``path``'s lock; clear the temporaries a killed writer left (whoever wrote them held the lock)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        lock.acquire()
+    except OSError as e:
+        raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
+                          "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
+    try:
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
+def write_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """A cache file written whole or not at all (:func:`spikellm.io.atomic_write`,
+    binary); a cache directory that cannot be created names ``data.cache_dir``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("cache_dir", str(path.parent), f"cannot write there ({e.strerror or e}); set "
+                          "data.cache_dir or SPIKELLM_CACHE to a writable directory") from e
+    atomic_write(path, write, binary=True)
+
 
 _BLOCK = 8 << 20
 
