@@ -1,6 +1,6 @@
 """Issue 15: no module of spikellm imports a layer above its own.
 
-The layers, bottom to top, are data below (the README's "Architecture" section describes them).
+The layers, bottom to top, are data below (docs/architecture.md describes them).
 A module may import its own package and anything in a lower layer; packages that share a layer
 are peers and import neither each other nor anything above. Every import counts, also one
 inside a function (a lazy import is still a dependency); ``importlib`` calls are not seen (only
@@ -97,7 +97,7 @@ def _violations() -> dict[tuple[str, str], str]:
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in MODULES if m != "spikellm" and _place(m) is None)
-    assert not unplaced, f"add these to LAYERS in tests/test_layering.py (and the README): {unplaced}"
+    assert not unplaced, f"add these to LAYERS in tests/test_layering.py (and docs/architecture.md): {unplaced}"
 
 
 def test_layers_name_each_entry_once():

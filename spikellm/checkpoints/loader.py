@@ -16,7 +16,7 @@ from spikellm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: every on-disk format :func:`load_model` reads, with what it is (for messages and the README)
+#: every on-disk format :func:`load_model` reads, with what it is (for messages and docs/model_files.md)
 FORMATS = {
     "lightning": "a Lightning checkpoint written by train.py (<run>/checkpoints/last.ckpt)",
     "spiking": "a spiking checkpoint directory (<run>/spiking_checkpoint): packed integer weights and encoders",

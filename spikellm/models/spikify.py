@@ -59,7 +59,7 @@ SPIKING_PROJECTIONS: dict[str, BlockLayout] = {
         blocks=("rwkv.blocks", "blocks"),
         projections=("attention.key", "attention.value", "attention.receptance", "attention.output",
                      "feed_forward.key", "feed_forward.receptance", "feed_forward.value"),
-        attention=None,  # a linear recurrence: its element-wise work is not priced (see the README)
+        attention=None,  # a linear recurrence: its element-wise work is not priced (docs/conversion.md)
         weights_stay=False,
     ),
 }
