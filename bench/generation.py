@@ -85,12 +85,12 @@ def decode_step_ratio(spiking, dense, prompt, new: int, repeats: int) -> tuple[f
     with torch.inference_mode():
         for repeat in range(repeats + 1):  # the first sequence warms up
             caches = {name: KVCache.empty(len(model.layers)) for name, model in models.items()}
-            tokens = {name: model(prompt, cache=caches[name])[:, -1:].argmax(-1) for name, model in models.items()}
+            tokens = {name: model(prompt, state=caches[name])[:, -1:].argmax(-1) for name, model in models.items()}
             steps = {name: [] for name in models}
             for step in range(new - 1):
                 for name in ("spiking", "dense") if step % 2 else ("dense", "spiking"):
                     start = time.perf_counter()
-                    logits = models[name](tokens[name], cache=caches[name])
+                    logits = models[name](tokens[name], state=caches[name])
                     tokens[name] = logits[:, -1:].argmax(-1)
                     steps[name].append(time.perf_counter() - start)
             if repeat:

@@ -226,29 +226,20 @@ class _Runner:
         raise NotImplementedError
 
 
-class _Llama(_Runner):
+class _Stateful(_Runner):
+    """A spikellm model through its decoding protocol: ``new_state()``, then ``forward(ids,
+    state=..., attention_mask=...)`` for the prompts and for each new token."""
+
     def __init__(self, model):
         super().__init__(model)
-        self.context, self.cache = model.config.max_seq_len, None
+        self.context, self.state = model.max_context, None
 
     def prefill(self, ids, mask):
-        self.cache = self.model.new_cache()
-        return self.model(ids, cache=self.cache, attention_mask=mask)[:, -1]
+        self.state = self.model.new_state()
+        return self.model(ids, state=self.state, attention_mask=mask)[:, -1]
 
     def step(self, tokens, mask):
-        return self.model(tokens[:, None], cache=self.cache, attention_mask=mask)[:, -1]
-
-
-class _MatMulFree(_Runner):
-    state = None
-
-    def prefill(self, ids, mask):
-        logits, self.state = self.model(ids, return_state=True, attention_mask=mask)
-        return logits[:, -1]
-
-    def step(self, tokens, mask):
-        logits, self.state = self.model.step(tokens, self.state)
-        return logits
+        return self.model(tokens[:, None], state=self.state, attention_mask=mask)[:, -1]
 
 
 class _HuggingFace(_Runner):
@@ -309,21 +300,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The module :func:`generate` calls: the spikellm model inside a ``transformers`` one
     (:class:`~spikellm.checkpoints.hub.SpikellmForCausalLM`), and a
     :class:`~spikellm.models.hf.LogitsModel`'s HF model."""
-    from spikellm.models.hf import LogitsModel
-
     model = getattr(model, "spikellm_model", model)
-    return model.hf_model if isinstance(model, LogitsModel) else model
+    return getattr(model, "hf_model", model)
 
 
 def _runner(model: nn.Module, use_cache: bool) -> _Runner:
-    from spikellm.models.llama import SpikingLlama
-    from spikellm.models.matmulfree import MatMulFreeLM
-
     model = unwrap(model)
-    if isinstance(model, SpikingLlama):
-        runner = _Llama(model)
-    elif isinstance(model, MatMulFreeLM):
-        runner = _MatMulFree(model)
+    if callable(getattr(model, "new_state", None)):  # spikellm's own: the decoding protocol
+        runner = _Stateful(model)
     elif callable(getattr(model, "can_generate", None)) and model.can_generate():
         return _HuggingFace(model, use_cache and "past_key_values" in inspect.signature(model.forward).parameters)
     else:

@@ -34,8 +34,9 @@ _REFUSED = ("quantization_config", "load_in_4bit", "load_in_8bit", "gguf_file", 
 
 class SpikingCache(Cache):
     """A spikellm model's decoding state as ``generate`` carries it from step to step: ``state``
-    (a :class:`~spikellm.models.llama.KVCache`, or the MatMul-free LM's list of ``[B, dim]``
-    states) and the number of tokens it holds."""
+    (what the model's ``new_state()`` made: a :class:`~spikellm.models.llama.KVCache`, or the
+    MatMul-free LM's :class:`~spikellm.models.matmulfree.RecurrentState`) and the number of
+    tokens it holds."""
 
     def __init__(self):
         super().__init__(layers=[])
@@ -66,8 +67,9 @@ def _map_rows(state, apply):
     """``state`` with ``apply`` on every tensor's batch rows."""
     if state is None:
         return None
-    if isinstance(state, list):  # the MatMul-free LM's per-layer states
-        return [apply(t) for t in state]
+    if not hasattr(state, "length"):  # the MatMul-free LM's RecurrentState: one [B, dim] per layer
+        state.layers = None if state.layers is None else [apply(t) for t in state.layers]
+        return state
     for layer in state.layers:  # a KVCache
         if layer.keys is not None:
             layer.keys, layer.values = apply(layer.keys), apply(layer.values)
@@ -153,8 +155,6 @@ class SpikellmForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def _spikellm_forward(self, input_ids, attention_mask, cache, use_cache):
-        from spikellm.models.matmulfree import MatMulFreeLM
-
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         if cache is None and use_cache:
             cache = SpikingCache()
@@ -163,15 +163,9 @@ class SpikellmForCausalLM(PreTrainedModel, GenerationMixin):
                              "(leave it unset: the first forward makes one)")
         # no padding: the unmasked path, the very computation spikellm's own generation runs
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        if isinstance(self.model, MatMulFreeLM):  # the states carry the past: the mask of these tokens
-            logits, state = self.model(input_ids, state=None if cache is None else cache.state, return_state=True,
-                                       attention_mask=None if mask is None else mask[:, -input_ids.shape[1]:])
-            if cache is not None:
-                cache.state = state
-        else:
-            if cache is not None and cache.state is None:
-                cache.state = self.model.new_cache()
-            logits = self.model(input_ids, cache=None if cache is None else cache.state, attention_mask=mask)
+        if cache is not None and cache.state is None:
+            cache.state = self.model.new_state()  # the decoding protocol of every spikellm model
+        logits = self.model(input_ids, state=None if cache is None else cache.state, attention_mask=mask)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return logits, cache

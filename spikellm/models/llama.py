@@ -291,17 +291,18 @@ class SpikingLlama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_decoder_weights(self, config.n_layers)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: Tensor, state: KVCache | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
         """``input_ids [B, T]`` → logits ``[B, T, vocab]``.
 
-        ``cache``: a :class:`KVCache` holding the sequence's earlier tokens (these continue it, and
-        are appended). ``attention_mask [B, T_cached + T]``: 1 for tokens, 0 for (left) padding,
+        ``state``: a :class:`KVCache` (:meth:`new_state`) holding the sequence's earlier tokens
+        (these continue it, and are appended): the decoding protocol every model here shares. ``attention_mask [B, T_cached + T]``: 1 for tokens, 0 for (left) padding,
         as in ``transformers``; positions count tokens only, so a left-padded prompt computes
         what it computes alone. Padding embeds to zero (so its keys raise no per-channel running
         maximum) and is never read (a padding query reads itself only, to stay finite).
         """
         batch, seq = input_ids.shape
+        cache = state
         start = 0 if cache is None else cache.length
         if start + seq > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -324,8 +325,14 @@ class SpikingLlama(nn.Module):
             x = layer(x, cos, sin, mask=mask, cache=None if cache is None else cache.layers[index])
         return self.lm_head(self.norm(x))
 
-    def new_cache(self) -> KVCache:
+    def new_state(self) -> KVCache:
+        """An empty decoding state: pass it to every forward of one sequence (batch)."""
         return KVCache.empty(len(self.layers))
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence it runs on (its rotary table's length)."""
+        return self.config.max_seq_len
 
     def spiking_linears(self) -> dict[str, SpikingLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SpikingLinear)}

@@ -201,6 +201,14 @@ class Block(nn.Module):
         return _fixed(x + self.mlp(self.post_attention_layernorm(x)), self.hardware), state
 
 
+@dataclass
+class RecurrentState:
+    """The MatMul-free LM's decoding state (:meth:`MatMulFreeLM.new_state`): each layer's state
+    ``[B, dim]`` after the tokens so far, updated in place by every forward it is passed to."""
+
+    layers: list[Tensor] | None = None
+
+
 class MatMulFreeLM(nn.Module):
     """The MatMul-free LM; ``encoder``/``weight_quantizer`` build one module per projection, as in
     :class:`~spikellm.models.llama.SpikingLlama` (``unroll`` and ``rotate`` likewise)."""
@@ -219,14 +227,22 @@ class MatMulFreeLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         init_decoder_weights(self, config.n_layers)
 
-    def forward(self, input_ids: Tensor, state: list[Tensor] | None = None, return_state: bool = False,
+    def forward(self, input_ids: Tensor, state: list[Tensor] | RecurrentState | None = None,
+                return_state: bool = False,
                 attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``input_ids [B, T]`` → logits ``[B, T, vocab]`` (and each layer's final state ``[B, dim]``).
 
-        ``state``: the layers' states after earlier tokens, to continue a sequence in chunks.
-        ``attention_mask [B, T]`` (of these tokens; the state carries the past): 0 at (left)
-        padding, which leaves every state as it was, so a padded prompt ends in its own state.
+        ``state``: the layers' states after earlier tokens, to continue a sequence in chunks; or a
+        :class:`RecurrentState` (:meth:`new_state`), updated in place: the decoding protocol every
+        model here shares, whose ``attention_mask`` spans the earlier tokens and these (as a KV
+        cache's does). Otherwise ``attention_mask [B, T]`` (of these tokens; the state carries the
+        past): 0 at (left) padding, which leaves every state as it was, so a padded prompt ends in
+        its own state.
         """
+        if isinstance(state, RecurrentState):
+            mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
+            logits, state.layers = self(input_ids, state.layers, return_state=True, attention_mask=mask)
+            return (logits, state.layers) if return_state else logits
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state holds {len(state)} layers' states, the model has {len(self.layers)}")
         mask = None if attention_mask is None else attention_mask.to(device=input_ids.device, dtype=torch.bool)
@@ -249,6 +265,15 @@ class MatMulFreeLM(nn.Module):
         """
         logits, state = self(input_ids.reshape(-1, 1), state, return_state=True)
         return logits[:, 0], state
+
+    def new_state(self) -> RecurrentState:
+        """An empty decoding state: pass it to every forward of one sequence (batch)."""
+        return RecurrentState()
+
+    @property
+    def max_context(self) -> None:
+        """None: the recurrence runs on any length."""
+        return None
 
     def spiking_linears(self) -> dict[str, SpikingLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SpikingLinear)}
