@@ -1,5 +1,6 @@
 """What a file may name: :func:`check_trusted` refuses a ``_target_`` read from a checkpoint that
-is not one of spikellm's own model and neuron classes, so loading a file never runs code it names."""
+is not one of spikellm's own model and neuron classes, so loading a file never runs code it names.
+Your own encoder package joins them explicitly: :func:`trust_modules` or ``$SPIKELLM_TRUSTED_MODULES``."""
 from __future__ import annotations
 
 import inspect
@@ -16,6 +17,28 @@ from spikellm.errors import DataError
 # ``spikellm.models.llama.torch.save``) is refused before anything is built.
 TRUSTED_MODULES = ("spikellm.models", "spikellm.neurons", "spikellm.quant", "spikellm.nn")
 _TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+TRUST_VARIABLE = "SPIKELLM_TRUSTED_MODULES"  # comma-separated modules whose classes files may name
+_added: list[str] = []
+
+
+def trust_modules(*modules: str) -> None:
+    """Let files name the classes of ``modules`` too (your own encoder or weight quantizer
+    package, e.g. ``trust_modules("my_encoders")``): their constructors will run when a checkpoint
+    that names them is loaded, so list only code you trust. On the command line (eval.py,
+    generate.py) set ``SPIKELLM_TRUSTED_MODULES=my_encoders`` instead."""
+    for module in modules:
+        if not isinstance(module, str) or not _TARGET_NAME.fullmatch(module):
+            raise ValueError(f"trust_modules({module!r}): give a dotted module name such as 'my_encoders'")
+        if module not in _added:
+            _added.append(module)
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """spikellm's own modules, those given to :func:`trust_modules` and those in ``$SPIKELLM_TRUSTED_MODULES``."""
+    import os
+
+    listed = [m.strip() for m in os.environ.get(TRUST_VARIABLE, "").split(",") if m.strip()]
+    return (*TRUSTED_MODULES, *_added, *(m for m in listed if _TARGET_NAME.fullmatch(m)))
 
 
 def check_trusted(tree: Any, source, path: str = "") -> None:
@@ -34,8 +57,9 @@ def check_trusted(tree: Any, source, path: str = "") -> None:
                 reason = _untrusted_target(value)
                 if reason:
                     raise DataError(f"{source}: {key}={value!r} is refused: {reason}; a checkpoint may only name "
-                                    f"spikellm's model and neuron classes ({', '.join(TRUSTED_MODULES)}), "
-                                    "and nothing it names is run")
+                                    f"classes of {', '.join(trusted_modules())}, and nothing it names is run "
+                                    f"(your own encoder package: {TRUST_VARIABLE}=<module> or "
+                                    "spikellm.config.trust.trust_modules('<module>'))")
                 continue
             if not isinstance(name, (str, int)) or (isinstance(name, str) and "${" in name):
                 raise DataError(f"{source}: the key {name!r} in {path or 'the config'} is refused: a checkpoint "
@@ -55,8 +79,9 @@ def _untrusted_target(target) -> str | None:
 
     if not isinstance(target, str) or not _TARGET_NAME.fullmatch(target):
         return "not a dotted name of public attributes"
-    if not any(target == module or target.startswith(module + ".") for module in TRUSTED_MODULES):
-        return "outside spikellm's model and neuron modules"
+    trusted = trusted_modules()
+    if not any(target == module or target.startswith(module + ".") for module in trusted):
+        return "outside the trusted modules"
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):  # the longest importable module, then ONE attribute
         module_name = ".".join(parts[:cut])
@@ -70,7 +95,7 @@ def _untrusted_target(target) -> str | None:
         defined_in = getattr(obj, "__module__", None) or ""
         if not inspect.isclass(obj):  # a function may do anything with its arguments (write files...)
             return "not a class"
-        if not any(defined_in == m or defined_in.startswith(m + ".") for m in TRUSTED_MODULES):
+        if not any(defined_in == m or defined_in.startswith(m + ".") for m in trusted):
             return f"it is {defined_in or 'a builtin'}.{getattr(obj, '__qualname__', parts[-1])}, not spikellm's"
         return None
     return "no such module"
