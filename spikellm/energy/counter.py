@@ -5,7 +5,7 @@ integer spike counts. The counts are raw facts (:class:`~spikellm.energy.report.
 they cost, memory included, is the cost model's business (:mod:`spikellm.energy.report`).
 
 Where the counts come from: a projection's encoder keeps a per-forward
-:class:`~spikellm.neurons.stats.SpikeTally` while the counter is attached (the sums of the counts
+:class:`~spikellm.neurons.tally.SpikeTally` while the counter is attached (the sums of the counts
 it produced: spikes, spike levels, non-zero inputs, tokens with a spike, outlier events), so the
 counter neither re-encodes an input nor disturbs the forward (q/k/v still share one encoding, and
 the kernel path tallies its own counts); :func:`record_tally` turns them into operations. The
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from spikellm.energy.cost import CostModel
 from spikellm.energy.report import EnergyReport, LayerOps
 from spikellm.neurons.base import SpikeEncoder
-from spikellm.neurons.stats import SpikeTally
+from spikellm.neurons.tally import SpikeTally
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.work import AttentionWork, RecurrenceWork
 from spikellm.ops.hooks import HookSet

@@ -23,7 +23,7 @@ Three options apply to every encoder, implemented once here:
   threshold ``Δ = mean(|x|) / k`` per token, which fires about ``k`` spikes per activation whatever
   the distribution's tail (counts beyond the range saturate);
 * firing statistics in closed form from the counts (:mod:`spikellm.neurons.stats`), either full
-  (histograms, for validation) or as a per-forward :class:`~spikellm.neurons.stats.SpikeTally`
+  (histograms, for validation) or as a per-forward :class:`~spikellm.neurons.tally.SpikeTally`
   (the few sums a training step or the operation counter needs).
 """
 from __future__ import annotations
@@ -439,14 +439,16 @@ def record_tallies(encoder: SpikeEncoder, listeners, counts: Tensor, outliers: T
     rows = per_count.sum(dim=-1, dtype=exact)
     spikes = rows.sum(dtype=torch.float64)
     if tallies:
-        from spikellm.neurons.stats import SpikeTally
+        from spikellm.neurons.tally import SpikeTally
 
         # a count fires iff it is non-zero, and then at least one whole spike: min(spikes, 1) marks
         # the non-zero counts without a data-dependent branch (torch.count_nonzero on counts that
         # are zero about half the time runs ~8x slower than this sum on the CPU)
         marks = per_count.clamp_(max=1.0) if per_count.data_ptr() != counts.data_ptr() else per_count.clamp(max=1.0)
         nonzero = marks.sum(dtype=torch.float32 if counts.numel() < 2 ** 24 else torch.float64)
-        step_tally = SpikeTally.of(encoder, counts, outliers, spikes, rows, nonzero)
+        levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
+            encoder.spike_levels(counts).sum(dtype=torch.float64)
+        step_tally = SpikeTally.of(counts, outliers, spikes, levels, rows, nonzero)
         for tally in tallies:
             tally.add(step_tally)
     return spikes

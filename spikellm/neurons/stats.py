@@ -96,50 +96,6 @@ class SpikeStats:
         }
 
 
-@dataclass
-class SpikeTally:
-    """The few sums of the spikes of some forwards that a training step or the operation counter
-    needs, with no histogram: activations, spike events, summed spike levels (a graded spike of
-    level k counts k), non-zero counts (inputs whose weight row an event-driven layer reads), and
-    outlier events. Totals stay tensors on the counts' device (no host synchronisation)."""
-
-    activations: int = 0
-    spikes: Tensor | float = 0.0
-    levels: Tensor | float = 0.0
-    nonzero: Tensor | int = 0
-    active_rows: Tensor | int = 0  # tokens (rows of the last dim) with at least one non-zero count
-    outlier_events: Tensor | int = 0
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, encoder, counts: Tensor, outliers: Tensor | None, spikes: Tensor, row_spikes: Tensor,
-           nonzero: Tensor) -> "SpikeTally":
-        """The tally of one encoding, whose spike count (``spikes``), spikes per token
-        (``row_spikes``) and non-zero counts are already summed. A diverged (NaN) input makes NaN
-        totals: the figures say so rather than hide it."""
-        from spikellm.neurons.base import SpikeEncoder
-
-        levels = spikes if type(encoder).spike_levels is SpikeEncoder.spike_levels else \
-            encoder.spike_levels(counts).sum(dtype=torch.float64)
-        # a count fires iff it is non-zero, so a token fired iff it has spikes
-        return cls(activations=counts.numel(), spikes=spikes, levels=levels, nonzero=nonzero,
-                   active_rows=(row_spikes > 0).sum(),
-                   outlier_events=0 if outliers is None else (outliers != 0).sum())
-
-    def add(self, other: "SpikeTally") -> None:
-        self.activations += other.activations
-        self.spikes = self.spikes + other.spikes
-        self.levels = self.levels + other.levels
-        self.nonzero = self.nonzero + other.nonzero
-        self.active_rows = self.active_rows + other.active_rows
-        self.outlier_events = self.outlier_events + other.outlier_events
-
-    def as_numbers(self) -> dict:
-        return {"activations": self.activations, "spikes": float(self.spikes), "levels": float(self.levels),
-                "nonzero": float(self.nonzero), "active_rows": int(self.active_rows),
-                "outlier_events": int(self.outlier_events)}
-
-
 def track_spikes(model: nn.Module, enabled: bool = True) -> None:
     """Start (fresh totals) or stop accumulating statistics in every encoder of ``model``."""
     from spikellm.neurons.base import SpikeEncoder
