@@ -105,6 +105,7 @@ def atomic_directory(directory, overwrite: bool = False) -> Iterator[Path]:
         raise _refused(target, error, existed) from None
     try:
         yield tmp
+        _plain_modes(tmp)  # what other writers (safetensors, transformers) created 0600 inside
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -139,6 +140,14 @@ def _plain_mode(fd: int) -> None:
     """Give a temporary file (created 0600 by ``tempfile``) the mode a plain ``open()`` would:
     0644 under umask 022, so a group sharing a run directory can read what a run wrote."""
     os.fchmod(fd, 0o666 & ~_umask())
+
+
+def _plain_modes(directory: Path) -> None:
+    """Files and directories under ``directory`` get the modes a plain ``open()`` / ``mkdir`` gives."""
+    mask = _umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_json(path, data) -> Path:

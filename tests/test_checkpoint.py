@@ -355,6 +355,8 @@ def test_weights_whose_digests_were_stripped_are_refused(broken):
     tensors["embed_tokens.weight"].neg_()
     save_file(tensors, path, metadata=metadata)
     assert_refused(broken, r"the weights do not carry the tensor digests config.json records for them")
+    edit_config(broken, lambda c: c.pop("weights_sha256"))  # every digest stripped
+    assert_refused(broken, r"config.json lacks the digest of its weights \(weights_sha256\)")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -426,3 +426,25 @@ def test_a_rerun_on_an_unchanged_large_file_does_not_read_it_again(files, monkey
     os.utime(files / "train.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     monkeypatch.setattr(TextFile, "check", original)
     assert module(files, path=str(files / "train.txt")).train_tokens.filename != first.train_tokens.filename
+
+
+@pytest.mark.parametrize("damage", ["typed-sidecar", "directory"])
+def test_a_cache_whose_sidecar_or_file_is_the_wrong_kind_is_rebuilt(files, caplog, damage):
+    """A sidecar of valid JSON with the wrong types, or a directory in a token file's place, ended
+    in a traceback; each is one warning and a rebuild."""
+    import shutil
+
+    first = module(files, path=str(files / "train.txt"))
+    path, expected = Path(first.train_tokens.filename), np.array(first.train_tokens)
+    del first
+    if damage == "typed-sidecar":
+        path.with_name(path.name + ".sha256.json").write_text('{"sha256": 5, "stamp": "x"}')
+    else:
+        path.unlink()
+        path.mkdir()
+        (path / "inside").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="spikellm.data.tokens"):
+        again = module(files, path=str(files / "train.txt"))
+    assert np.array_equal(np.array(again.train_tokens), expected)
+    assert sum("tokenizing it again" in r.getMessage() for r in caplog.records) == 1
+    shutil.rmtree(files / "cache", ignore_errors=True)

@@ -178,9 +178,42 @@ def test_eval_refuses_a_second_run_into_one_directory_and_a_missing_device(tmp_p
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("eval", overrides=[f"ckpt={CKPT}", f"paths.output_dir={tmp_path}"])
     (tmp_path / "results.json").write_text('{"earlier": true}')
-    with pytest.raises(ConfigError, match="already holds the results of an earlier evaluation"):
+    with pytest.raises(ConfigError, match="results=.* already exists .*nothing is overwritten"):
         run_evaluation(cfg)
     assert (tmp_path / "results.json").read_text() == '{"earlier": true}'
     cfg.device = device
     with pytest.raises(ConfigError, match=f"device='{device}'.*CUDA is not available"):
         run_evaluation(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["limit=-1"], r"^limit=-1 is invalid: must be an integer >= 1"),
+    (["num_fewshot=abc"], r"^num_fewshot='abc' is invalid: must be an integer >= 0"),
+    (["batch_size=0"], r"^batch_size=0 is invalid"),
+    (["perplexity.batch_size=abc"], r"^perplexity\.batch_size='abc' is invalid"),
+    (["perplexity.stride=0"], r"^perplexity\.stride=0 is invalid"),
+    (["perplexity.datasets=[/no/such/corpus.txt]"], r"^perplexity\.datasets='/no/such/corpus.txt' is invalid: is no "
+                                                    r"corpus name"),
+    (["export={tmp}"], r"^export='.*' is invalid: already exists"),
+    (["export_hf={tmp}/new/results.json", "results={tmp}/new/results.json"], r"^export_hf=.* is where results="),
+    (["results={tmp}"], r"^results=.* is a directory"),
+])
+def test_eval_settings_and_outputs_are_checked_before_loading(tmp_path, monkeypatch, overrides, match):
+    """Issue 24: these were refused after the model loaded and the evaluation ran (export=), named
+    without their group (perplexity.*), or ended in tracebacks (limit=-1, num_fewshot=abc)."""
+    import spikellm.checkpoints.loader as loader
+    from spikellm.evaluation.pipeline import run_evaluation
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("checked only after loading"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt={CKPT}", f"paths.output_dir={tmp_path / 'run'}",
+                                         *(o.format(tmp=tmp_path) for o in overrides)])
+    with pytest.raises(ConfigError, match=match):
+        run_evaluation(cfg)
+
+
+def test_a_stop_that_is_a_number_is_one_stop_string():
+    from spikellm.evaluation.generating import stop_strings
+
+    assert stop_strings(5) == ["5"] and stop_strings("oz") == ["oz"] and stop_strings(["o", "z"]) == ["o", "z"]
+    assert stop_strings(None) == []

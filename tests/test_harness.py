@@ -310,6 +310,10 @@ def test_registered_and_built_from_checkpoint_args(model, tokenizer, monkeypatch
         SpikeLLMEvalLM()
     with pytest.raises(ConfigError, match="available: .*ternary"):
         SpikeLLMEvalLM(ckpt="x", neuron="no_such_neuron")
+    # issue 24: an argument the model does not take ended in a TypeError traceback
+    with pytest.raises(ConfigError, match=r"^model_args\.foo=1 is invalid: is not an argument of the spikellm "
+                                          r"model; it takes model, tokenizer, batch_size"):
+        SpikeLLMEvalLM.create_from_arg_string("ckpt=x,foo=1")
 
 
 def test_hugging_face_directory_through_model_args(tokenizer, tmp_path):

@@ -344,3 +344,31 @@ def test_edited_hyper_parameters_of_a_training_checkpoint_are_refused(tmp_path, 
     with pytest.raises(DataError, match=r"edited.ckpt: its hyper_parameters \(model or neuron\) are not those its "
                                         r"weights were trained with"):
         load_model(tmp_path / "edited.ckpt")
+
+
+def test_a_training_checkpoint_with_a_nan_weight_is_one_line(tmp_path, tokenizer, model_config):
+    """It evaluated to ppl NaN with exit 0, and generate.py sampled from NaN probabilities."""
+    from spikellm.training.task import CausalLMTask
+
+    task = CausalLMTask(model=model_config, neuron=NEURON)
+    state = {"state_dict": {f"model.{k}": v.clone() for k, v in task.model.state_dict().items()},
+             "hyper_parameters": dict(task.hparams), "TextDataModule": {"tokenizer": tokenizer.state()}}
+    task.on_save_checkpoint(state)
+    state["state_dict"]["model.norm.weight"][2] = float("nan")
+    torch.save(state, tmp_path / "nan.ckpt")
+    with pytest.raises(DataError, match=r"nan.ckpt: tensor norm.weight holds non-finite values"):
+        load_model(tmp_path / "nan.ckpt")
+
+
+def test_model_files_get_the_mode_a_plain_open_gives(tmp_path, tokenizer, model_config):
+    """model.safetensors (written by safetensors) was 0600 in every model directory."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        directory = save_spiking_checkpoint(spiking_model(model_config), tmp_path / "ckpt", model_config=model_config,
+                                            neuron=NEURON, tokenizer=tokenizer)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    assert set(modes.values()) == {0o644} and directory.stat().st_mode & 0o777 == 0o755, modes

@@ -189,6 +189,9 @@ def load_converted(directory, dtype: torch.dtype | None = torch.float32, native:
     if missing or unexpected:
         raise DataError(f"{where} does not match the model {RECORD} describes "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if record.get("version", 0) >= 3 and record.get(WEIGHTS_DIGEST) is None:  # format 3 always carries one
+        raise DataError(f"{directory / RECORD} lacks the digest of its weights ({WEIGHTS_DIGEST}) that format 3 "
+                        "carries: it was edited; convert the model again")
     files.check_digest(record.get(WEIGHTS_DIGEST), RECORD)
     written = files.metadata.get(DIGEST)
     if written is not None and written != record_digest(record):

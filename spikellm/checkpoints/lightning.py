@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from spikellm.io import atomic_torch_save, write_failure
@@ -104,6 +105,13 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None, dtype=None)
     parameters = dict(model.named_parameters())
     expected = set(model.state_dict())
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    from spikellm.checkpoints.shards import all_finite
+
+    broken = next((name for name, value in weights.items() if isinstance(value, torch.Tensor)
+                   and value.is_floating_point() and value.numel() and not all_finite(value)), None)
+    if broken is not None:  # it would evaluate to a NaN perplexity, or sample from NaN probabilities
+        raise DataError(f"{path}: tensor {broken} holds non-finite values (inf or nan), which no trained model has; "
+                        "use an earlier checkpoint of the run")
     try:
         unexpected = assign_parameters(model, weights.items(), dtype=dtype)
     except ValueError as error:

@@ -232,7 +232,7 @@ class TensorFiles:
         if self._advance is not None:
             self._advance(nbytes)
         tensor = raw.view(_DTYPES[code]).reshape(shape)
-        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
+        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
             raise DataError(f"{path}: tensor {name} holds non-finite values (inf or nan), which no trained "
                             f"model has; {self.fix}")
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
@@ -256,7 +256,7 @@ class TensorFiles:
             yield name, self.get(name, dtype)
 
 
-def _finite(tensor: Tensor) -> bool:
+def all_finite(tensor: Tensor) -> bool:
     """Whether every value is finite: a sum in the tensor's dtype (nan and inf propagate; ~10 GB/s)
     and, only when that sum is not finite (also when finite values overflow it), the exact check."""
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())

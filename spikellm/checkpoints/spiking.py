@@ -174,6 +174,10 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
         raise DataError(f"{weights} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # an edit that keeps every shape (another n_heads, another encoder) passes the checks above;
     # checkpoints written before the digest have none
+    if config.get("model_type") is not None and config.get(WEIGHTS_DIGEST) is None:
+        # written with the transformers fields, so with digests: a config.json without one was edited
+        raise DataError(f"{directory}/config.json lacks the digest of its weights ({WEIGHTS_DIGEST}) that every "
+                        "checkpoint written with transformers fields carries: export the checkpoint again")
     files.check_digest(config.get(WEIGHTS_DIGEST), "config.json")
     written = files.metadata.get(DIGEST)
     if written is not None and written != config_digest(config):

@@ -70,6 +70,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def discard(path: Path) -> None:
+    """Remove a cached file that cannot be trusted (a directory left in its place too) and its sidecar."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
 def record_digest(path: Path, sha256: str | None = None) -> None:
     """Write ``path``'s sidecar: ``sha256`` (computed while writing it), else hashed now."""
     record = {"sha256": sha256 or file_digest(path), "stamp": _stamp(path)}
@@ -78,9 +89,14 @@ def record_digest(path: Path, sha256: str | None = None) -> None:
 
 def check_file(path: Path) -> str | None:
     """None when ``path`` holds the bytes its digest was recorded for; else why not, in words."""
+    if not path.is_file():
+        return "is not a file"
     try:
         record = json.loads(sidecar(path).read_text())
-        expected, stamp = str(record["sha256"]), list(record["stamp"])
+        expected, stamp = record["sha256"], record["stamp"]
+        if not isinstance(expected, str) or not isinstance(stamp, list) or len(stamp) != 3 or not all(
+                isinstance(v, int) for v in stamp):
+            raise TypeError("not a digest and a stamp")
     except FileNotFoundError:
         return "has no digest (an earlier spikellm wrote it, or writing it was interrupted)"
     except (OSError, ValueError, KeyError, TypeError) as error:

@@ -12,7 +12,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from spikellm.data.cache import cache_lock, check_file, record_digest, write_cache_file
+from spikellm.data.cache import cache_lock, check_file, discard, record_digest, write_cache_file
 from spikellm.progress import byte_progress, is_local_rank_zero
 from spikellm.errors import ConfigError, DataError
 
@@ -140,7 +140,7 @@ def bpe_tokenizer(texts: Callable[[], Iterator[tuple[str, int]]], corpus_key: st
             distrusted = check_file(cache) if cache.exists() else None
             if distrusted is not None:
                 log.warning("the cached BPE tokenizer %s %s: training it again", cache, distrusted)
-                cache.unlink()
+                discard(cache)
             if not cache.exists():
                 log.info("training a %d-token byte-level BPE on %.1f MB of text", vocab_size, total_bytes / 1e6)
                 start = time.monotonic()

@@ -39,7 +39,7 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from spikellm.data.corpus import TextFile
-from spikellm.data.cache import cache_lock, check_file, record_digest, write_cache_file
+from spikellm.data.cache import cache_lock, check_file, discard, record_digest, write_cache_file
 from spikellm.errors import ConfigError
 from spikellm.progress import byte_progress
 
@@ -331,7 +331,7 @@ def cached_tokens(cache_dir: Path, split: Split, tokenizer) -> np.ndarray:
         if distrusted is not None:
             log.warning("the cached tokens of the %s split (%s) %s: tokenizing it again", split.name, path,
                         distrusted)
-            path.unlink()
+            discard(path)
         if not path.exists():
             write_tokens(path, split.texts(), tokenizer, split.nbytes, split.name)
     return open_tokens(path, dtype)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spikellm.config import build
 from spikellm.errors import ConfigError, Interrupted, DataError
@@ -31,7 +31,8 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
     an empty or malformed file, or an empty prompt, is one line naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("prompts", str(path), "no such file; pass a .txt (one prompt per line) or .jsonl file")
+        what = "is a directory" if path.is_dir() else "no such file"
+        raise ConfigError("prompts", str(path), f"{what}; pass a .txt (one prompt per line) or .jsonl file")
     try:
         lines = [(f"prompts={path}:{number}", line)
                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
@@ -90,7 +91,9 @@ def stop_strings(stop) -> list[str]:
     """``stop=`` as strings: a plain string is one stop string (not its characters), a list is several."""
     if stop is None:
         return []
-    return [str(stop)] if isinstance(stop, str) else [str(s) for s in stop]
+    if isinstance(stop, (list, tuple, ListConfig)):
+        return [str(s) for s in stop]
+    return [str(stop)]
 
 
 def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:

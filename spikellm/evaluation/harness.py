@@ -132,6 +132,13 @@ class SpikeLLMEvalLM(TemplateLM):
         in both is no error. The CLI's default device ``cuda:0`` falls back to CPU without CUDA."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         kwargs = {**extra, **arg_dict}
+        import inspect
+
+        takes = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(arg_dict) - set(takes))
+        if unknown:
+            raise ConfigError(f"model_args.{unknown[0]}", arg_dict[unknown[0]],
+                              f"is not an argument of the spikellm model; it takes {', '.join(takes)}")
         device = str(kwargs.get("device", "cpu"))
         if "device" not in arg_dict and device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("device=%s requested but CUDA is not available: running on cpu", device)

@@ -26,17 +26,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     device = check_device(cfg.device)
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     cost = build(cfg.energy, "energy")
-    if cfg.perplexity.seqlen is not None:  # null is the default window; 0 would mean nothing at all
-        check_int("perplexity.seqlen", cfg.perplexity.seqlen, 2)
-    results_path = Path(cfg.results).expanduser()
-    if results_path.exists():  # a second eval.py into one run directory replaced the first's results
-        raise ConfigError("results", str(results_path), "already holds the results of an earlier evaluation: give "
-                                                        "another hydra.run.dir (or results=<path>); nothing is "
-                                                        "overwritten")
-    check_writable(results_path.parent, key="results")  # before minutes of evaluation, not after
-    for key in ("export", "export_hf"):  # their directories must not exist yet: their parents must be writable
-        if cfg.get(key):
-            check_writable(Path(cfg[key]).expanduser().parent, key=key)
+    check_settings(cfg)  # every setting and output path before the model is read, not after
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
                         dtype=cfg.get("dtype", "auto"))
     model = loaded.model
@@ -71,7 +61,11 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
         tokens = torch.tensor(loaded.tokenizer.encode(text), dtype=torch.long)
         counter = OperationCounter(model) if report is None else None  # energy of the first corpus's tokens
         try:
-            result = perplexity(model, tokens, seqlen, cfg.perplexity.stride, cfg.perplexity.batch_size, progress=True)
+            try:
+                result = perplexity(model, tokens, seqlen, cfg.perplexity.stride, cfg.perplexity.batch_size,
+                                    progress=True)
+            except ConfigError as error:  # the window settings are the perplexity group's
+                raise error.with_prefix("perplexity") from None
         finally:
             if counter is not None:
                 counter.remove()
@@ -98,6 +92,48 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     if results.get("files_pending_export"):
         results["files"]["spiking_checkpoint"] = results.pop("files_pending_export")
     return results, report
+
+
+CORPORA = ("pydoc", "wikitext2", "c4")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """eval.py's settings and outputs, one ConfigError line naming the first that is wrong."""
+    from spikellm.checks import check_float
+
+    ppl = cfg.perplexity
+    if ppl.seqlen is not None:  # null is the default window; 0 would mean nothing at all
+        check_int("perplexity.seqlen", ppl.seqlen, 2)
+    if ppl.stride is not None:
+        check_int("perplexity.stride", ppl.stride, 1)
+    check_int("perplexity.batch_size", ppl.batch_size, 1)
+    for dataset in ppl.datasets or []:
+        if str(dataset) not in CORPORA and not Path(str(dataset)).expanduser().exists():
+            raise ConfigError("perplexity.datasets", str(dataset), "is no corpus name (pydoc, wikitext2, c4) and no "
+                                                                   "such file or directory of text")
+    check_int("batch_size", cfg.batch_size, 1)
+    check_int("num_fewshot", cfg.num_fewshot, 0)
+    if cfg.limit is not None:  # lm-eval: a count of examples, or a fraction of each task below 1
+        if isinstance(cfg.limit, float) and cfg.limit < 1:
+            check_float("limit", cfg.limit, 0.0, 1.0, low_open=True)
+        else:
+            check_int("limit", cfg.limit, 1)
+    results = Path(cfg.results).expanduser()
+    if results.is_dir():
+        raise ConfigError("results", str(results), "is a directory: give the path of the .json file to write")
+    if results.exists():  # a second eval.py into one run directory replaced the first's results
+        raise ConfigError("results", str(results), "already exists (the results of an earlier evaluation?): give "
+                                                   "another hydra.run.dir (or results=<path>); nothing is overwritten")
+    check_writable(results.parent, key="results")  # before minutes of evaluation, not after
+    for key in ("export", "export_hf"):  # new directories, beside (not on) the results and the model
+        if not cfg.get(key):
+            continue
+        target = Path(cfg[key]).expanduser()
+        if target.exists():
+            raise ConfigError(key, str(target), "already exists: give a new directory; nothing is overwritten")
+        if target.resolve() in (results.resolve(), *results.resolve().parents):
+            raise ConfigError(key, str(target), f"is where results={results} goes: give another directory")
+        check_writable(target.parent, key=key)
 
 
 def _held_out(record: dict, dataset: str) -> dict:
