@@ -1,4 +1,4 @@
-"""Data pipeline at scale (issue 17): peak memory and tokenization speed of ``train.py`` on
+"""Data pipeline at scale: peak memory and tokenization speed of ``train.py`` on
 synthetic corpora of growing size, and how fast a second run (cache hit) starts training.
 
     OMP_NUM_THREADS=1 python bench/data_scale.py                  # 10, 100 and 1,000 MB

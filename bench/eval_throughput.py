@@ -8,7 +8,7 @@ point), random weights (speed does not depend on them), the perplexity loop of e
 collapsed encoders, batched windows) with the energy counter attached as eval.py attaches it to
 the first corpus (``--no-energy``: without). Each pass of an encoder is paired with a pass of the
 dense model right before it, and the ratio is the median of the pairs' ratios (the cores are shared:
-pairing keeps the ratio meaningful while the machine's speed drifts). Target >= 0.9 (issue 14).
+pairing keeps the ratio meaningful while the machine's speed drifts). Target >= 0.9.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MatMul-free LM beside a LLaMA of about its size, trained here on the same data and steps (issue 8).
+"""The MatMul-free LM beside a LLaMA of about its size, trained here on the same data and steps.
 
     python train.py experiment=matmulfree_tiny trainer.max_steps=600 hydra.run.dir=<runs>/matmulfree_tiny
     python train.py experiment=llama_bitnet_tiny trainer.max_steps=600 hydra.run.dir=<runs>/llama_bitnet_tiny

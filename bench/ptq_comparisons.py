@@ -1,4 +1,4 @@
-"""The post-training comparisons of issue 6, on a dense model trained here, through the user's path.
+"""The post-training comparisons (DESIGN.md), on a dense model trained here, through the user's path.
 
     python bench/ptq_comparisons.py --ckpt outputs/.../checkpoints/last.ckpt [--work /tmp/ptq] [--only gptq obs]
 

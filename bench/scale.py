@@ -1,4 +1,4 @@
-"""Converting, storing and running a billion-parameter model on the CPU (issue 22).
+"""Converting, storing and running a billion-parameter model on the CPU.
 
     OMP_NUM_THREADS=2 python bench/scale.py [--work DIR] [--threads 2] [--only convert eval generate]
                                             [--recipes sdllm_w4:22 sdllm_w4:4 spikellm_ternary:4 ...]

@@ -1,4 +1,4 @@
-"""The same converted model through spikellm's loader and through ``transformers`` (issue 23).
+"""The same converted model through spikellm's loader and through ``transformers``.
 
     OMP_NUM_THREADS=2 python bench/transformers_door.py --model DIR [--pairs 2] [--new 16] [--json PATH]
 

@@ -40,7 +40,7 @@ CLI = [
     ("train.py", ["neuron=ternary,none"], "error: neuron=ternary,none is ambiguous"),
     ("train.py", ["--cfg", "job", "trainer.max_step=3"], "error: trainer.max_step is not a key of the config"),
     ("train.py", ["-m", "neuron=ternary,lif_typo"], "error: neuron=lif_typo is not an option of the neuron group"),
-    # issue 24: a sweep without -m trained one default run with no word
+    # a sweep without -m trained one default run with no word
     ("train.py", ["experiment=spike_sweep"], "error: experiment=spike_sweep is a sweep over budget (9 runs): run "
                                              "it with -m"),
 ]
@@ -363,7 +363,7 @@ def test_full_disk_while_saving_a_spiking_checkpoint(tmp_path, monkeypatch, hf_d
     assert load_spiking_checkpoint(directory)[2]["model"] == config
 
 
-# ---- issue 17: values that used to end in a traceback (or a silent wrong run) are one line ----
+# ---- values that used to end in a traceback (or a silent wrong run) are one line ----
 
 @pytest.mark.parametrize("override,match", [
     ("task.lr=-1", r"task.lr=-1 is invalid: must be a finite number > 0"),
@@ -395,7 +395,7 @@ def test_a_zero_perplexity_window_is_refused(tmp_path):
     (["max_steps=5"], "max_steps is not a key of the config (did you mean trainer.max_steps=5?)"),
 ])
 def test_keys_of_a_group_given_at_the_top_level_name_the_group(tmp_path, argv, message):
-    """Issue 17: ``+precision=...`` (what an earlier hint suggested) trained in fp32 without a word."""
+    """``+precision=...`` (what an earlier hint suggested) trained in fp32 without a word."""
     with pytest.raises(OverrideError) as error:
         check_command_line(CONF, "train", [*argv, f"hydra.run.dir={tmp_path / 'run'}"])
     assert str(error.value) == message
@@ -416,7 +416,7 @@ def test_a_gpu_trainer_without_a_gpu_names_the_cpu_setting(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_atomic_writes_keep_the_mode_a_plain_open_gives(tmp_path, umask):
-    """Issue 24: files written atomically were 0600 whatever the umask (mkstemp's mode), so a group
+    """Files written atomically were 0600 whatever the umask (mkstemp's mode), so a group
     sharing a run directory could not read them; they get what open() / mkdir would give."""
     from spikellm.io import atomic_torch_save
 
@@ -434,7 +434,7 @@ def test_atomic_writes_keep_the_mode_a_plain_open_gives(tmp_path, umask):
 
 
 def test_spike_objective_errors_name_their_key_once(tmp_path):
-    """Issue 24: they named task.task.spike_loss.* (the task group's prefix applied twice)."""
+    """They named task.task.spike_loss.* (the task group's prefix applied twice)."""
     done = run_script("train.py", "task.spike_loss.weight=-1", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]  # after the data's log lines

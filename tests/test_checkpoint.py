@@ -328,7 +328,7 @@ def edit_bytes(directory, change):
 
 
 def test_edited_weight_bytes_are_refused(broken):
-    """Issue 24: embedding signs flipped (same shapes, same header) once evaluated at another
+    """Embedding signs flipped (same shapes, same header) once evaluated at another
     perplexity with exit 0; the tensors' digests name the tensor and the file now."""
     edit_bytes(broken, lambda t: t["model.embed_tokens.weight" if "model.embed_tokens.weight" in t
                                    else "embed_tokens.weight"].neg_())
@@ -505,7 +505,7 @@ def test_tokenizer_larger_than_the_model(broken, tmp_path):
 
 
 def test_missing_tokenizer(broken):
-    """Issue 24: the message named data.tokenizer_path, a key of training, not the model's."""
+    """The message named data.tokenizer_path, a key of training, not the model's."""
     (broken / "tokenizer.json").unlink()
     (broken / "tokenizer_config.json").unlink()
     assert_refused(broken, r"^ckpt=.* holds no tokenizer that can be loaded .*put the model's tokenizer files")

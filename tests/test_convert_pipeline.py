@@ -119,7 +119,7 @@ QUANTIZERS = (RoundToNearest, TernaryAbsMean, LearnableClipping)
 
 
 def _decodes_without_quantizing(model_dir, record, monkeypatch):
-    """Issue 22: the output stores quantized projections packed, and decoding it never quantizes a
+    """The output stores quantized projections packed, and decoding it never quantizes a
     weight (a quantizer per forward made a 1.1B model 100x slower)."""
     files = TensorFiles(model_dir)
     quantized = [name for name, info in record["layers"].items() if info["weight_format"] != "float"]

@@ -1,4 +1,4 @@
-"""Issue 16: the fused CPU encoder (spikellm/ops/cpu_encode.c) computes what the PyTorch path computes.
+"""The fused CPU encoder (spikellm/ops/cpu_encode.c) computes what the PyTorch path computes.
 
 Decoding one token at a time spends most of an encoder's time dispatching ~10 small tensor
 operations, so eval-mode encoders on small CPU tensors run one C call instead. These tests hold

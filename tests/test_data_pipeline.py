@@ -1,4 +1,4 @@
-"""Issue 17: the tokenized-corpus pipeline at scale (memory-mapped token files cached by content,
+"""The tokenized-corpus pipeline at scale (memory-mapped token files cached by content,
 streamed tokenization, atomic cache writes) and explicit train/validation/test splits."""
 import json
 import logging
@@ -171,7 +171,7 @@ def _damage_train_tokens(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["half", "odd", "overwritten", "out-of-vocabulary"])
 def test_a_damaged_token_cache_is_rebuilt_with_one_warning(files, caplog, how):
-    """Issue 24: a cut, edited or foreign token file was trained on silently (or failed deep in
+    """A cut, edited or foreign token file was trained on silently (or failed deep in
     numpy / the embedding); its digest now sends it back to the tokenizer, once, with a warning."""
     first = module(files, path=str(files / "train.txt"))
     path, expected = Path(first.train_tokens.filename), np.array(first.train_tokens)

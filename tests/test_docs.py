@@ -1,4 +1,4 @@
-"""Issue 17: every link of the README and of the docs resolves inside the repository (the science
+"""Every link of the README and of the docs resolves inside the repository (the science
 the code cites is docs/DESIGN.md, not a file beside the clone)."""
 import re
 
@@ -20,7 +20,7 @@ def test_every_local_link_resolves():
 
 
 def test_eval_help_lists_only_the_groups_eval_takes():
-    """Issue 17: ``eval.py --help`` listed training-only groups (budget, trainer...) that eval.py then rejects."""
+    """``eval.py --help`` listed training-only groups (budget, trainer...) that eval.py then rejects."""
     from conftest import run_script
 
     done = run_script("eval.py", "--help")

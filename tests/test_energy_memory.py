@@ -251,7 +251,7 @@ def test_every_figure_names_the_cost_model(tmp_path):
 
 
 def test_an_energy_json_written_before_operand_bits_still_reads(tmp_path):
-    """The cost model's operand width was called ``bits`` (issue 15: named apart from the code widths)."""
+    """The cost model's operand width was called ``bits`` (named apart from the code widths)."""
     counter, _ = run(attention_model(), torch.randint(0, 13, (2, 6)))
     report = counter.report(load_cost_model("sdllm_w4a4"))
     data = report.to_dict()

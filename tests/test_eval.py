@@ -109,7 +109,7 @@ def test_train_then_eval_end_to_end(tmp_path):
 
 
 def test_pydoc_perplexity_uses_the_split_the_checkpoint_trained_with(tmp_path):
-    """Issue 17: a model trained with seed=1 is measured on the seed-1 held-out documents (the
+    """A model trained with seed=1 is measured on the seed-1 held-out documents (the
     seed-0 ones are mostly in its training data), read from the checkpoint."""
     from spikellm.evaluation.pipeline import _held_out
 
@@ -123,7 +123,7 @@ def test_pydoc_perplexity_uses_the_split_the_checkpoint_trained_with(tmp_path):
 
 
 def test_a_corpus_that_fails_keeps_the_finished_results(tmp_path):
-    """Issue 17: perplexity.datasets=[pydoc,wikitext2] offline keeps pydoc's result in results.json
+    """Perplexity.datasets=[pydoc,wikitext2] offline keeps pydoc's result in results.json
     and names what failed in one line (exit 2)."""
     import json
 

@@ -1,4 +1,4 @@
-"""Issue 15: one loader for every model file, and files written before still load.
+"""One loader for every model file, and files written before still load.
 
 ``tests/fixtures/formats`` holds one small model of each on-disk format as an earlier spikellm
 wrote it (``written_by.txt``; ``make.py`` wrote them) with the logits it gave. ``load_model``
@@ -49,7 +49,7 @@ def test_what_is_no_model_file_is_one_line(tmp_path):
 
 
 def test_a_spiking_checkpoint_whose_config_was_edited_is_refused(tmp_path):
-    """Issue 17: config.json is bound to the weights by a digest in their metadata, so another
+    """Config.json is bound to the weights by a digest in their metadata, so another
     n_heads with the same tensor shapes (8 heads of 8 and 4 KV heads for 4 of 16 and 2) is one line,
     not a different model evaluated silently. Checkpoints written before the digest still load."""
     import json

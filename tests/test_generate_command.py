@@ -1,4 +1,4 @@
-"""Issue 16: generate.py continues a prompt (streamed) or a file of prompts (JSONL) with any model
+"""Generate.py continues a prompt (streamed) or a file of prompts (JSONL) with any model
 file, ends with tokens/s and energy per generated token, and refuses bad input in one line."""
 import json
 import sys
@@ -64,7 +64,7 @@ def test_stop_strings_cut_the_continuation(tmp_path):
     (["prompt=x", "temperature=-1"], ConfigError, "temperature"),
     (["prompt='" + "word " * 200 + "'"], ConfigError, "longer than the model's context"),
     (["prompts=/nonexistent.txt"], ConfigError, "no such file"),
-    # issue 24: text where a number goes, 0 and fractions, a device this machine lacks
+    # text where a number goes, 0 and fractions, a device this machine lacks
     (["prompt=x", "max_new_tokens=abc"], ConfigError, "max_new_tokens='abc'.*integer >= 1"),
     (["prompt=x", "max_new_tokens=2.5"], ConfigError, "max_new_tokens=2.5.*integer"),
     (["prompt=x", "seed=abc"], ConfigError, "seed='abc'.*integer >= 0"),
@@ -97,7 +97,7 @@ def test_a_plain_stop_string_is_one_stop_not_its_characters(tmp_path):
 
 
 def test_outputs_and_inputs_are_never_overwritten(tmp_path):
-    """Issue 24: a second run replaced generations.jsonl; output= the prompts file overwrote the
+    """A second run replaced generations.jsonl; output= the prompts file overwrote the
     prompts; output= a directory failed after all the generation ran. All refused before loading."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\nclass A:\n")
@@ -145,7 +145,7 @@ def test_the_command_prints_speed_and_energy(tmp_path):
 
 
 def test_ctrl_c_keeps_the_prompts_already_generated(tmp_path, monkeypatch):
-    """Issue 22: Ctrl-C during a file of prompts writes the finished ones and says so in one line."""
+    """Ctrl-C during a file of prompts writes the finished ones and says so in one line."""
     import spikellm.generation
     from spikellm.errors import Interrupted
 
@@ -169,7 +169,7 @@ def test_ctrl_c_keeps_the_prompts_already_generated(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_eval_refuses_a_second_run_into_one_directory_and_a_missing_device(tmp_path, monkeypatch, device):
-    """Issue 24: a second eval.py into a run directory replaced results.json and energy.png;
+    """A second eval.py into a run directory replaced results.json and energy.png;
     device=cuda on a CPU machine ended in an AssertionError. Both refused before loading."""
     import spikellm.checkpoints.loader as loader
     from spikellm.evaluation.pipeline import run_evaluation
@@ -199,7 +199,7 @@ def test_eval_refuses_a_second_run_into_one_directory_and_a_missing_device(tmp_p
     (["results={tmp}"], r"^results=.* is a directory"),
 ])
 def test_eval_settings_and_outputs_are_checked_before_loading(tmp_path, monkeypatch, overrides, match):
-    """Issue 24: these were refused after the model loaded and the evaluation ran (export=), named
+    """These were refused after the model loaded and the evaluation ran (export=), named
     without their group (perplexity.*), or ended in tracebacks (limit=-1, num_fewshot=abc)."""
     import spikellm.checkpoints.loader as loader
     from spikellm.evaluation.pipeline import run_evaluation

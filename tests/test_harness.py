@@ -310,7 +310,7 @@ def test_registered_and_built_from_checkpoint_args(model, tokenizer, monkeypatch
         SpikeLLMEvalLM()
     with pytest.raises(ConfigError, match="available: .*ternary"):
         SpikeLLMEvalLM(ckpt="x", neuron="no_such_neuron")
-    # issue 24: an argument the model does not take ended in a TypeError traceback
+    # an argument the model does not take ended in a TypeError traceback
     with pytest.raises(ConfigError, match=r"^model_args\.foo=1 is invalid: is not an argument of the spikellm "
                                           r"model; it takes model, tokenizer, batch_size"):
         SpikeLLMEvalLM.create_from_arg_string("ckpt=x,foo=1")
@@ -350,7 +350,7 @@ def test_hub_tasks_load_through_lm_eval_index(lm, tmp_path, monkeypatch):
 
 
 def test_lm_eval_cli_with_an_unreadable_ckpt_is_one_line(tmp_path, capsys):
-    """Issue 17: ``spikellm-lm-eval --model_args ckpt=<unreadable file>`` ended in a traceback."""
+    """``spikellm-lm-eval --model_args ckpt=<unreadable file>`` ended in a traceback."""
     from spikellm.evaluation.harness import cli_main
 
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")

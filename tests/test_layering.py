@@ -1,4 +1,4 @@
-"""Issue 15: no module of spikellm imports a layer above its own.
+"""No module of spikellm imports a layer above its own.
 
 The layers, bottom to top, are data below (docs/architecture.md describes them).
 A module may import its own package and anything in a lower layer; packages that share a layer

@@ -1,4 +1,4 @@
-"""Issue 15: modules declare the matmul work the operation counter prices (spikellm.nn.work), so
+"""Modules declare the matmul work the operation counter prices (spikellm.nn.work), so
 attention products are counted on every supported Hugging Face architecture, not only on the
 project's own LLaMA, and energy/ imports no model."""
 import pytest

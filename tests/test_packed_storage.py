@@ -1,4 +1,4 @@
-"""Issue 22: weights as they are stored at scale.
+"""Weights as they are stored at scale.
 
 - :class:`PackedWeight` gives back every quantizer's values bit for bit, in the fewest bytes;
 - sharded safetensors are written as ``transformers`` writes them and read one tensor at a time,
@@ -195,7 +195,7 @@ def test_packed_and_on_disk_weights_come_back_only_while_needed():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and resets VmHWM")
 def test_loading_holds_the_model_once(tmp_path):
     """Peak RSS of loading a bf16 Hugging Face LLaMA into fp32 (the native path, shard by shard)
-    is within 1.15x of what the loaded model holds (issue 22)."""
+    is within 1.15x of what the loaded model holds."""
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=64)).to(torch.bfloat16)

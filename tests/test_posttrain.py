@@ -400,7 +400,7 @@ def test_gptq_model_puts_every_weight_on_the_grid(grid, bound):
 
 
 def test_fp32_hessians_quantize_as_float64_ones():
-    """Issue 22: GPTQ accumulates and inverts fp32 Hessians (half the memory and time of float64);
+    """GPTQ accumulates and inverts fp32 Hessians (half the memory and time of float64);
     on a small model they choose the same integers almost everywhere and fit as well."""
     import copy
 
@@ -498,7 +498,7 @@ def test_save_and_load_converted_give_the_same_logits(tmp_path, tokenizer, tie):
 
 
 def test_edited_converted_weights_are_refused(tmp_path, tokenizer):
-    """Issue 24: the tensors' SHA-256 digests travel in the shards' metadata and are checked on load."""
+    """The tensors' SHA-256 digests travel in the shards' metadata and are checked on load."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -1,4 +1,4 @@
-"""Issue 17: a step-bounded run's progress bar read ``Epoch 0/-2``."""
+"""A step-bounded run's progress bar read ``Epoch 0/-2``."""
 from types import SimpleNamespace
 
 from spikellm.training.progress import StepProgressBar

@@ -1,4 +1,4 @@
-"""Resuming a killed run (issue 9): SIGKILL mid-epoch, then `ckpt_path=last` in the same run
+"""Resuming a killed run: SIGKILL mid-epoch, then `ckpt_path=last` in the same run
 directory continues it bit for bit (losses, validation, weights, data order); checkpoint saves are
 atomic; every unusable checkpoint is one line."""
 import csv
@@ -267,7 +267,7 @@ def test_spike_statistics_sample_whole_steps_so_a_resume_carries_nothing():
 
 
 def test_a_start_removes_the_halves_of_killed_saves(tmp_path):
-    """Issue 17: a ``.last.ckpt.*.tmp`` left by a kill during a save (its writer gone) is removed when
+    """A ``.last.ckpt.*.tmp`` left by a kill during a save (its writer gone) is removed when
     a run starts in that directory, not left there forever; a live writer's is kept."""
     from spikellm.training.pipeline import run_training
 
@@ -293,7 +293,7 @@ def _fail_after_start(cfg, run_training):
 
 
 def test_a_second_run_into_the_same_directory_is_one_line(tmp_path):
-    """Issue 17: a run holds an exclusive lock on its directory; a second process started into it
+    """A run holds an exclusive lock on its directory; a second process started into it
     (while the first runs) is refused in one line before it writes anything."""
     from spikellm.training.pipeline import run_training
 

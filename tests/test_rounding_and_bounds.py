@@ -1,4 +1,4 @@
-"""Issue 14: signed spike codes are symmetric at ties, and a zero γ-quantile keeps a sane step.
+"""Signed spike codes are symmetric at ties, and a zero γ-quantile keeps a sane step.
 
 1. Signed counts round half away from zero, ``n = sign(v) · floor(|v| + 1/2)``, so
    ``counts(-x) == -counts(x)`` exactly, also at ties ``x / Δ = ±(k + 1/2)``. Every form that must

@@ -302,7 +302,7 @@ class _Payload:
 
 @pytest.mark.parametrize("kind", ["zip", "raw"])
 def test_a_pickled_hf_checkpoint_with_code_is_one_line(tmp_path, tokenizer, kind):
-    """Issue 24: a Hugging Face directory whose pytorch_model.bin the safe loader refuses ended in
+    """A Hugging Face directory whose pytorch_model.bin the safe loader refuses ended in
     PyTorch's UnpicklingError traceback; it is one line naming the file and the fix (and runs nothing)."""
     import pickle
 
@@ -329,7 +329,7 @@ def test_a_pickled_hf_checkpoint_with_code_is_one_line(tmp_path, tokenizer, kind
 
 
 def test_edited_hyper_parameters_of_a_training_checkpoint_are_refused(tmp_path, tokenizer, model_config):
-    """Issue 24: an edit that changes no shape (max_seq_len) loaded and evaluated past the trained
+    """An edit that changes no shape (max_seq_len) loaded and evaluated past the trained
     context; the checkpoint's digest of its model and neuron groups refuses it (other edits too)."""
     from spikellm.training.task import CausalLMTask
 

@@ -1,4 +1,4 @@
-"""Issue 14: the spike-count objective, the threshold rules and the defects found beside them."""
+"""The spike-count objective, the threshold rules and the defects found beside them."""
 import csv
 import math
 

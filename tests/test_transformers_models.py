@@ -1,4 +1,4 @@
-"""Issue 23: every model directory spikellm writes is also a ``transformers`` model.
+"""Every model directory spikellm writes is also a ``transformers`` model.
 
 For a checkpoint of each kind (the native LLaMA under every neuron group of conf/neuron, spiking
 attention among them; the MatMul-free LM; converted LLaMA and OPT models):

@@ -1,4 +1,4 @@
-"""Issue 15: a wheel built with ``pip wheel .`` carries the configs (``spikellm.conf``) and the
+"""A wheel built with ``pip wheel .`` carries the configs (``spikellm.conf``) and the
 kernels, and its ``spikellm-train`` runs from an empty directory (Hydra finds the configs as
 ``pkg://spikellm.conf``, not beside a source checkout)."""
 import os
