@@ -351,13 +351,13 @@ def generation_energy(model: nn.Module, input_ids, cost="horowitz45_fp32", **opt
 
     The reports are what eval.py's ``energy.json`` holds (``report.to_dict()``); the decode report
     counts each step's operations with the cache: the new query against every cached key."""
-    from spikellm.energy import CostModel, OperationCounter, load_cost_model
+    from spikellm.energy import OperationCounter, cost_model
 
     arguments = inspect.signature(generate).bind(model, input_ids, **options)  # TypeError names a wrong option
     arguments.apply_defaults()
     if not arguments.arguments["use_cache"]:
         raise ConfigError("use_cache", False, "the energy of generation is that of cached decoding")
-    cost = cost if isinstance(cost, CostModel) else load_cost_model(str(cost))
+    cost = cost_model(cost)
     counter = OperationCounter(unwrap(model))
     marks: dict[str, tuple] = {}
 

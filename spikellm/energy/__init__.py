@@ -1,7 +1,7 @@
 """Energy accounting: cost models, exact operation counts, an analytic estimator, reports."""
-from spikellm.energy.cost import CostModel, EnergySplit, Operations, load_cost_model
+from spikellm.energy.cost import CostModel, EnergySplit, Operations, cost_model, load_cost_model
 
-__all__ = ["CostModel", "EnergySplit", "Operations", "load_cost_model"]
+__all__ = ["CostModel", "EnergySplit", "Operations", "cost_model", "load_cost_model"]
 from spikellm.energy.report import EnergyReport, LayerOps
 
 __all__ += ["EnergyReport", "LayerOps"]

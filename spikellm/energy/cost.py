@@ -218,7 +218,26 @@ def _pj(value: float) -> str:
     return f"{value:g} pJ"
 
 
-def load_cost_model(name_or_path: str, config_dir: str | Path | None = None) -> CostModel:
+def cost_model(spec, key: str = "energy") -> CostModel:
+    """The one way to a :class:`CostModel`: ``spec`` is one already, its config node (the
+    ``energy`` group as Hydra composed it, ``_target_`` included), the name of a group option
+    (``conf/energy/<name>.yaml``) or a path to such a YAML file; the node is built by
+    :func:`spikellm.config.build`, so a wrong field is one line naming ``key``."""
+    from omegaconf import DictConfig
+
+    from spikellm.config import build
+
+    if isinstance(spec, CostModel):
+        return spec
+    if isinstance(spec, (dict, DictConfig)):
+        built = build(spec, key)
+        if not isinstance(built, CostModel):
+            raise ConfigError(key, type(built).__name__, "must build a spikellm.energy.CostModel")
+        return built
+    return load_cost_model(str(spec), key=key)
+
+
+def load_cost_model(name_or_path: str, config_dir: str | Path | None = None, key: str = "energy") -> CostModel:
     """A cost model by name (``conf/energy/<name>.yaml``) or by path to a YAML file."""
     from omegaconf import OmegaConf
 
@@ -229,11 +248,12 @@ def load_cost_model(name_or_path: str, config_dir: str | Path | None = None) -> 
         path = Path(config_dir or conf_dir() / "energy") / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
-        raise ConfigError("energy", str(name_or_path), f"no such cost model; one of: {', '.join(available)} "
-                                                       "or a path to a YAML file")
-    fields = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    fields.pop("_target_", None)
+        raise ConfigError(key, str(name_or_path), f"no such cost model; one of: {', '.join(available)} "
+                                                  "or a path to a YAML file")
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     try:
-        return CostModel(**fields)
-    except TypeError as error:
-        raise ConfigError("energy", str(path), f"fields must be those of CostModel: {error}") from None
+        return cost_model({**node, "_target_": "spikellm.energy.CostModel"}, key)
+    except ConfigError as error:
+        if "has no argument" not in str(error):  # a value out of range names its own field
+            raise
+        raise ConfigError(key, str(path), f"fields must be those of CostModel: {error}") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spikellm.config import build
+from spikellm.energy.cost import cost_model
 from spikellm.errors import ConfigError, Interrupted, DataError
 
 
@@ -107,7 +107,7 @@ def run_generation(cfg: DictConfig, out=sys.stdout) -> GenerationRun:
     numbered = [("prompt", str(cfg.prompt))] if cfg.prompt is not None else read_prompts(cfg.prompts)
     prompts = [prompt for _, prompt in numbered]
     stops = stop_strings(cfg.stop)
-    cost = build(cfg.energy, "energy")
+    cost = cost_model(cfg.energy)
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
     sampling = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
     sampling.update({key: float(sampling[key]) for key in ("temperature", "top_p", "repetition_penalty")})

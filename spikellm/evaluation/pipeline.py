@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spikellm.checks import check_device, check_int
 from spikellm.config import build
+from spikellm.energy.cost import cost_model
 from spikellm.errors import ConfigError, SpikeLLMError
 from spikellm.io import atomic_write_json, check_writable
 
@@ -25,7 +26,7 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
 
     device = check_device(cfg.device)
     neuron = OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None
-    cost = build(cfg.energy, "energy")
+    cost = cost_model(cfg.energy)
     check_settings(cfg)  # every setting and output path before the model is read, not after
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
                         dtype=cfg.get("dtype", "auto"))

@@ -26,6 +26,7 @@ from torch import nn
 
 from spikellm.checks import check_int
 from spikellm.config import build, build_neuron
+from spikellm.energy.cost import cost_model
 from spikellm.errors import ConfigError, Interrupted
 from spikellm.checkpoints.hf import check_hf_dir, hf_config, stored_dtype
 from spikellm.checkpoints.weights import stored_dtype_of
@@ -102,7 +103,7 @@ def check_conversion_config(cfg: DictConfig) -> dict:
                                                                 "trained with; use neuron=none with model=native")
     else:
         hf_config(cfg.model.get("hf_path"))  # the directory and its architecture, from config.json alone
-    build(cfg.energy, "energy")
+    cost_model(cfg.energy)
     build_neuron(cfg.neuron)
     if cfg.neuron is not None and cfg.neuron.get("attention") is not None:
         raise ConfigError("neuron.attention", "set", "spiking attention products run on the native SpikingLlama; "
@@ -152,7 +153,7 @@ def _convert(cfg: DictConfig, stages: dict, state, output_dir: Path, start: floa
 
     native = is_native(cfg)
     source = str(cfg.model.checkpoint) if native else str(check_hf_dir(cfg.model.hf_path))
-    cost = build(cfg.energy, "energy")
+    cost = cost_model(cfg.energy)
     model_dir = output_dir / "spiking_model"
     # the model's own tokenizer, always: token ids must mean what its embedding learned
     datamodule = build(cfg.data, "data", tokenizer_path=source)

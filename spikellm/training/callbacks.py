@@ -78,9 +78,9 @@ class EnergyReport(pl.Callback):
     The last report is kept in :attr:`report` for the run summary."""
 
     def __init__(self, cost, output_dir: str | None = None):
-        from spikellm.energy import CostModel, load_cost_model
+        from spikellm.energy import cost_model
 
-        self.cost = cost if isinstance(cost, CostModel) else load_cost_model(str(cost))
+        self.cost = cost_model(cost, "callbacks.energy.cost")
         self.output_dir = output_dir
         self.report = None
         self.files: dict[str, str] = {}
