@@ -68,7 +68,7 @@ def check_command_line(config_dir, config_name: str, argv: list[str]) -> None:
             _check_values(cfg)
             if not args.multirun:
                 _check_sweep_needs_multirun(cfg, args.overrides)
-                _check_run_dir(cfg)
+                _check_run_dir(cfg, args.config_name or config_name)
 
 
 def _check_additions(cfg: DictConfig, parsed) -> None:
@@ -347,10 +347,16 @@ def _check_sweep_needs_multirun(cfg: DictConfig, overrides: list[str]) -> None:
                                       "(python train.py -m ...)")
 
 
-def _check_run_dir(cfg: DictConfig) -> None:
+# what an eval.py or generate.py run leaves in its directory: another run there would replace its
+# record (Hydra rewrites .hydra/ before the job refuses to overwrite the results themselves)
+_RUN_OUTPUTS = {"eval": "results.json", "generate": "generations.jsonl"}
+
+
+def _check_run_dir(cfg: DictConfig, config_name: str = "") -> None:
     """The directory Hydra is about to create for the run (``hydra.run.dir``) can be: the nearest
     part of it that exists is a writable directory (probed with an empty directory, removed at
-    once; the run directory itself is left for Hydra to create)."""
+    once; the run directory itself is left for Hydra to create), and it holds no earlier
+    evaluation's or generation's outputs."""
     import tempfile
 
     try:
@@ -365,6 +371,11 @@ def _check_run_dir(cfg: DictConfig) -> None:
     from spikellm.io import write_failure
 
     path = Path(str(run_dir)).expanduser().absolute()
+    earlier = path / _RUN_OUTPUTS.get(config_name, "\0")
+    if config_name in _RUN_OUTPUTS and earlier.exists():
+        raise OverrideError("hydra.run.dir", str(run_dir), f"hydra.run.dir={run_dir} already holds an earlier run "
+                                                           f"({earlier.name}); choose another hydra.run.dir "
+                                                           "(nothing is overwritten)")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -329,7 +329,7 @@ def cached_tokens(cache_dir: Path, split: Split, tokenizer) -> np.ndarray:
     with cache_lock(path):  # another process may have built (or checked) it while this one waited
         distrusted = check_file(path) if path.exists() else None
         if distrusted is not None:
-            log.warning("the cached tokens of the %s split (%s) %s: tokenizing it again", split.name, path,
+            log.warning("the cached token file of the %s split (%s) %s: tokenizing it again", split.name, path,
                         distrusted)
             discard(path)
         if not path.exists():

@@ -7,6 +7,7 @@ recognises each format and rebuilds the very same model.
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 import torch
 from safetensors.torch import load_file
 
@@ -14,7 +15,7 @@ from spikellm.checkpoints import FORMATS, LoadedModel, detect_format, load_model
 from spikellm.errors import ConfigError, DataError
 from spikellm.models.hf import causal_lm_logits
 
-FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 IDS = torch.tensor([[5, 17, 42, 9, 3, 60, 11, 28], [7, 7, 30, 2, 51, 19, 44, 6]])
 PATHS = {"lightning": FIXTURES / "lightning" / "last.ckpt", "spiking": FIXTURES / "spiking",
          "converted": FIXTURES / "converted", "hf": FIXTURES / "hf"}

@@ -445,3 +445,18 @@ def test_the_qat_stage_spike_objective_names_its_key_once():
     with pytest.raises(ConfigError, match=r"^convert\.stages\.qat\.spike_loss\.weight=-1 is invalid"):
         build({"_target_": "spikellm.posttrain.stages.DistillationQAT", "spike_loss": {"weight": -1}},
               "convert.stages.qat")
+
+
+@pytest.mark.parametrize("script,output", [("eval.py", "results.json"), ("generate.py", "generations.jsonl")])
+def test_a_run_directory_holding_an_earlier_run_is_refused_before_hydra_writes_in_it(tmp_path, script, output):
+    """A refused eval.py still rewrote the earlier run's .hydra/config.yaml (Hydra writes it before
+    the job starts): the command line check refuses such a directory first."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / output).write_text("{}")
+    (run / ".hydra" / "config.yaml").write_text("earlier: true\n")
+    extra = ["prompt=x"] if script == "generate.py" else []
+    done = run_script(script, "ckpt=x.ckpt", *extra, f"hydra.run.dir={run}", timeout=60)
+    line = one_error_line(done)
+    assert f"hydra.run.dir={run} already holds an earlier run ({output})" in line, line
+    assert (run / ".hydra" / "config.yaml").read_text() == "earlier: true\n"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, run_script
+from conftest import ROOT, CONF, run_script
 from spikellm.errors import ConfigError, DataError
 from spikellm.evaluation.generating import read_prompts, run_generation
 
-FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 CKPT = FIXTURES / "lightning" / "last.ckpt"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

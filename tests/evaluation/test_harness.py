@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from spikellm.data import build_tokenizer
+from conftest import ROOT
 from spikellm.errors import ConfigError, DataError
 from spikellm.evaluation import harness, tasks
 from spikellm.evaluation.harness import SpikeLLMEvalLM
 from spikellm.evaluation.tasks import run_tasks
 from spikellm.models.llama import LlamaConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "examples" / "lm_eval_tasks"
 TOY_TASK = "tiny_mc"
 
@@ -356,7 +356,7 @@ def test_lm_eval_cli_with_an_unreadable_ckpt_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(SystemExit) as exit_:
         cli_main(["--model", "spikellm", "--model_args", f"ckpt={tmp_path / 'notes.ckpt'}", "--tasks", "tiny_mc",
-                  "--include_path", str(Path(__file__).parents[1] / "examples" / "lm_eval_tasks"), "--device", "cpu"])
+                  "--include_path", str(ROOT / "examples" / "lm_eval_tasks"), "--device", "cpu"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ckpt=") and "is not a readable checkpoint" in err[-1]

@@ -97,7 +97,7 @@ def _violations() -> dict[tuple[str, str], str]:
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in MODULES if m != "spikellm" and _place(m) is None)
-    assert not unplaced, f"add these to LAYERS in tests/test_layering.py (and docs/architecture.md): {unplaced}"
+    assert not unplaced, f"add these to LAYERS in tests/project/test_layering.py (and docs/architecture.md): {unplaced}"
 
 
 def test_layers_name_each_entry_once():
@@ -112,7 +112,7 @@ def test_no_module_imports_a_higher_layer():
 
 def test_known_violations_only_shrink():
     gone = sorted(KNOWN_VIOLATIONS - set(_violations()))
-    assert not gone, f"fixed, so delete from KNOWN_VIOLATIONS in tests/test_layering.py: {gone}"
+    assert not gone, f"fixed, so delete from KNOWN_VIOLATIONS in tests/project/test_layering.py: {gone}"
 
 
 def test_the_walker_sees_what_it_must():

@@ -159,7 +159,9 @@ class SnapshotCheckpoints(pl.Callback):
 def test_train_py_stops_on_divergence_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     checkpoints, snapshot = run / "checkpoints", tmp_path / "snapshot.json"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+    # this test module (and the conftest it imports) on the path, so train.py can build its callback
+    paths = [str(Path(__file__).parent), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
     done = run_script(
         "train.py", "experiment=smoke", "task.lr=1e30", "callbacks=default", "trainer.max_steps=6",
         "trainer.val_check_interval=1", "trainer.limit_val_batches=1",  # a checkpoint after the first step

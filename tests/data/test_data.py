@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line
+from conftest import ROOT, one_line
 import torch
 from omegaconf import OmegaConf
 
@@ -16,7 +16,7 @@ from spikellm.data import tokenizer as tokenizer_module
 from spikellm.data.datamodule import split_documents
 from spikellm.errors import ConfigError, DataError
 
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DATA = ROOT / "conf" / "data"
 TEXTS = ["plain ASCII: def f(x):\n\treturn x  # two  spaces\n",
          "non-ASCII: héllo wörld, 日本語, emoji 🚀, ÿ\u00a0\u200b",
          "a literal <|endoftext|> inside a document", ""]
