@@ -234,3 +234,18 @@ def _skeleton(config, neuron: dict | None, native: bool):
         model = transformers.AutoModelForCausalLM.from_config(config)
     spikify_from_config(model, neuron)
     return model, lambda name: name
+
+
+def read_model(path: Path, *, neuron=None, device="cpu", backend: str = "auto", dtype=torch.float32, key: str = "ckpt"):
+    """A converted model as :func:`~spikellm.checkpoints.load_model` reads every format: a LLaMA as
+    our own (shared encodings, our cache), another architecture as its spikified HF model."""
+    from spikellm.checkpoints.loaded import LoadedModel
+    from spikellm.data.tokenizer import model_tokenizer
+    from spikellm.models.hf import LogitsModel
+
+    model, record = load_converted(path, dtype, native=True)
+    tokenizer = model_tokenizer(path)
+    model_type = getattr(model.config, "model_type", "llama")
+    return LoadedModel(model if hasattr(model, "spiking_linears") else LogitsModel(model), tokenizer, str(path),
+                       {"hf_model_type": model_type, "neuron": record.get("neuron"),
+                        "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})

@@ -274,3 +274,29 @@ def save_hf_llama(model, tokenizer, directory, dequantize: bool = True) -> Path:
         hf_model.save_pretrained(tmp)  # transformers >= 5 writes safetensors only: nothing pickled
         tokenizer.save(tmp)
     return Path(directory)
+
+
+def read_model(path: Path, *, neuron=None, device="cpu", backend: str = "auto", dtype=torch.float32,
+               key: str = "ckpt"):
+    """A local Hugging Face model as :func:`~spikellm.checkpoints.load_model` reads every format:
+    a LLaMA read into our own (so spiking attention works), another supported architecture
+    spikified in place (:func:`~spikellm.models.spikify.spiking_causal_lm`)."""
+    from spikellm.checkpoints.loaded import LoadedModel
+    from spikellm.config import build_attention_encoder, build_neuron
+    from spikellm.data.tokenizer import model_tokenizer
+    from spikellm.models.spikify import spiking_causal_lm
+
+    config = hf_config(path, key=key)  # config.json readable and of a supported architecture
+    tokenizer = model_tokenizer(path)
+    if config.model_type == "llama":
+        encoder, weight_quantizer = build_neuron(neuron)
+        model = load_hf_llama(path, config, encoder, weight_quantizer, dtype)
+        attention = build_attention_encoder(neuron)
+        if attention is not None:
+            model.spike_attention(attention)
+    else:
+        if build_attention_encoder(neuron) is not None:
+            raise ConfigError("neuron.attention", "set", f"spiking attention products run on LLaMA only, "
+                                                         f"not {config.model_type}")
+        model = spiking_causal_lm(load_hf_causal_lm(path, key=key, config=config, dtype=dtype), neuron)
+    return LoadedModel(model, tokenizer, str(path), {"hf_model_type": config.model_type, "neuron": neuron})

@@ -138,3 +138,11 @@ def load_training_checkpoint(path: Path, neuron: dict | None = None, dtype=None)
     if split is None and "seed" in (data.get("train_position") or {}):  # written before the split was recorded
         split = {"seed": data["train_position"]["seed"]}
     return model, tokenizer, {"model": hparams["model"], "neuron": hparams.get("neuron"), "split": split}
+
+
+def read_model(path: Path, *, neuron=None, device="cpu", backend: str = "auto", dtype=None, key: str = "ckpt"):
+    """:func:`load_training_checkpoint` as :func:`~spikellm.checkpoints.load_model` reads every format."""
+    from spikellm.checkpoints.loaded import LoadedModel
+
+    model, tokenizer, record = load_training_checkpoint(path, neuron, dtype=dtype)
+    return LoadedModel(model, tokenizer, str(path), record)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from spikellm.checkpoints.loaded import LoadedModel
 from spikellm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,18 +22,6 @@ FORMATS = {
     "converted": "a converted Hugging Face model (a directory with spikellm.json, written by a conversion)",
     "hf": "a local Hugging Face model directory (config.json, weights, tokenizer), spikified with neuron=...",
 }
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode, its tokenizer, the format it was read from, where from, and its record
-    (model and neuron configs, backend...; written into results.json)."""
-
-    model: nn.Module
-    tokenizer: object
-    source: str
-    config: dict = field(default_factory=dict)
-    format: str = ""
 
 
 def detect_format(path: str | Path, key: str = "ckpt") -> str:
@@ -87,17 +74,7 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     dtype = parse_dtype(dtype, "dtype")
     if dtype is None and torch.device(device).type == "cpu":
         dtype = torch.float32  # CPUs compute bf16 slowly or not at all; the stored dtype on a GPU
-    if fmt == "spiking":
-        loaded = _load_spiking(path, device, backend, dtype)
-    elif fmt == "lightning":
-        from spikellm.checkpoints.lightning import load_training_checkpoint
-
-        model, tokenizer, record = load_training_checkpoint(path, neuron, dtype=dtype)
-        loaded = LoadedModel(model, tokenizer, str(path), record)
-    elif fmt == "converted":
-        loaded = _load_converted(path, dtype)
-    else:
-        loaded = _load_hf(path, neuron, key, dtype)
+    loaded = _reader(fmt)(path, neuron=neuron, device=device, backend=backend, dtype=dtype, key=key)
     loaded.format = fmt
     fold_weight_quantizers(loaded.model)
     loaded.model.to(device).eval()
@@ -109,53 +86,17 @@ def load_model(path: str | Path, neuron: dict | None = None, device: str = "cpu"
     return loaded
 
 
-def _load_spiking(path: Path, device: str, backend: str, dtype) -> LoadedModel:
-    from spikellm.checkpoints.spiking import load_spiking_checkpoint
-
-    model, tokenizer, config = load_spiking_checkpoint(path, backend=backend, device=device, dtype=dtype)
-    routed = sum(layer.kernel_forward is not None for layer in model.spiking_linears().values())
-    return LoadedModel(model, tokenizer, str(path), {"model": config["model"], "neuron": config["neuron"],
-                                                     "backend": "triton" if routed else "torch",
-                                                     "kernel_layers": routed})
-
-
-def _load_converted(path: Path, dtype) -> LoadedModel:
-    from spikellm.checkpoints.converted import load_converted
-    from spikellm.data.tokenizer import model_tokenizer
-    from spikellm.models.hf import LogitsModel
-
-    model, record = load_converted(path, dtype, native=True)  # a LLaMA as our own: shared encodings, our cache
-    tokenizer = model_tokenizer(path)
-    model_type = getattr(model.config, "model_type", "llama")
-    return LoadedModel(model if hasattr(model, "spiking_linears") else LogitsModel(model), tokenizer, str(path),
-                       {"hf_model_type": model_type, "neuron": record.get("neuron"),
-                        "converted": {k: record.get(k) for k in ("source", "task_name", "metrics")}})
-
-
-def _load_hf(path: Path, neuron: dict | None, key: str, dtype) -> LoadedModel:
-    """A HF LLaMA (native, so spiking attention works), or another supported architecture
-    spikified in place."""
-    from spikellm.checkpoints.hf import hf_config, load_hf_causal_lm, load_hf_llama
-    from spikellm.config import build_attention_encoder, build_neuron
-    from spikellm.data.tokenizer import model_tokenizer
-    from spikellm.models.hf import LogitsModel
-    from spikellm.models.spikify import spikify_from_config
-
-    config = hf_config(path, key=key)  # config.json readable and of a supported architecture
-    tokenizer = model_tokenizer(path)
-    if config.model_type == "llama":
-        encoder, weight_quantizer = build_neuron(neuron)
-        model = load_hf_llama(path, config, encoder, weight_quantizer, dtype)
-        attention = build_attention_encoder(neuron)
-        if attention is not None:
-            for layer in model.layers:
-                layer.self_attn.spike_products(attention)
+def _reader(fmt: str):
+    """The ``read_model(path, *, neuron, device, backend, dtype, key) -> LoadedModel`` of a format's module."""
+    if fmt == "spiking":
+        from spikellm.checkpoints.spiking import read_model
+    elif fmt == "lightning":
+        from spikellm.checkpoints.lightning import read_model
+    elif fmt == "converted":
+        from spikellm.checkpoints.converted import read_model
     else:
-        if build_attention_encoder(neuron) is not None:
-            raise ConfigError("neuron.attention", "set", f"spiking attention products run on LLaMA only, "
-                                                         f"not {config.model_type}")
-        model = LogitsModel(spikify_from_config(load_hf_causal_lm(path, key=key, config=config, dtype=dtype), neuron))
-    return LoadedModel(model, tokenizer, str(path), {"hf_model_type": config.model_type, "neuron": neuron})
+        from spikellm.checkpoints.hf import read_model
+    return read_model
 
 
 __all__ = ["FORMATS", "LoadedModel", "detect_format", "load_model"]

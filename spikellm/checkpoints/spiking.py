@@ -206,3 +206,14 @@ def load_spiking_checkpoint(directory, backend: str = "auto", device: str | torc
 def load_spiking_model(checkpoint: str | Path) -> torch.nn.Module:
     """The model of a spiking checkpoint alone (torch backend): ``model=native`` of train.py's conversion."""
     return load_spiking_checkpoint(checkpoint, backend="torch")[0]
+
+
+def read_model(path: Path, *, neuron=None, device="cpu", backend: str = "auto", dtype=torch.float32, key: str = "ckpt"):
+    """:func:`load_spiking_checkpoint` as :func:`~spikellm.checkpoints.load_model` reads every format."""
+    from spikellm.checkpoints.loaded import LoadedModel
+
+    model, tokenizer, config = load_spiking_checkpoint(path, backend=backend, device=device, dtype=dtype)
+    routed = sum(layer.kernel_forward is not None for layer in model.spiking_linears().values())
+    return LoadedModel(model, tokenizer, str(path), {"model": config["model"], "neuron": config["neuron"],
+                                                     "backend": "triton" if routed else "torch",
+                                                     "kernel_layers": routed})

@@ -279,8 +279,7 @@ class SpikingLlama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, linear) for _ in range(config.n_layers))
         if attention_encoder is not None:
-            for layer in self.layers:
-                layer.self_attn.spike_products(attention_encoder)
+            self.spike_attention(attention_encoder)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # embeddings and the head stay in floating point (DESIGN.md §4)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -324,6 +323,12 @@ class SpikingLlama(nn.Module):
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask=mask, cache=None if cache is None else cache.layers[index])
         return self.lm_head(self.norm(x))
+
+    def spike_attention(self, factory: AttentionEncoderFactory) -> None:
+        """Spiking attention products in every layer: K and V encoded by ``factory("key")`` and
+        ``factory("value")`` (see :class:`Attention`)."""
+        for layer in self.layers:
+            layer.self_attn.spike_products(factory)
 
     def new_state(self) -> KVCache:
         """An empty decoding state: pass it to every forward of one sequence (batch)."""

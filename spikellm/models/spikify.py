@@ -193,3 +193,11 @@ def spikify_from_config(model: nn.Module, neuron: dict | None) -> nn.Module:
 def spiking_modules(model: nn.Module) -> dict[str, SpikingLinear]:
     """Every :class:`SpikingLinear` of ``model``, by full module name, in module order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, SpikingLinear)}
+
+
+def spiking_causal_lm(hf_model: nn.Module, neuron: dict | None) -> nn.Module:
+    """A ``transformers`` causal LM spikified by ``neuron`` (in place) and wrapped so that its
+    forward returns logits, as spikellm's own models' do (:class:`~spikellm.models.hf.LogitsModel`)."""
+    from spikellm.models.hf import LogitsModel
+
+    return LogitsModel(spikify_from_config(hf_model, neuron))
