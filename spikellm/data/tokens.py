@@ -25,22 +25,18 @@ import itertools
 import json
 import logging
 import random
-import sys
 import time
 from array import array
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import Dataset
 
 from spikellm.data.corpus import TextFile
 from spikellm.data.cache import cache_lock, check_file, discard, record_digest, write_cache_file
-from spikellm.errors import ConfigError
 from spikellm.progress import byte_progress
 
 log = logging.getLogger(__name__)

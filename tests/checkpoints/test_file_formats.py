@@ -4,7 +4,6 @@
 wrote it (``written_by.txt``; ``make.py`` wrote them) with the logits it gave. ``load_model``
 recognises each format and rebuilds the very same model.
 """
-from pathlib import Path
 
 import pytest
 from conftest import ROOT

@@ -1,9 +1,7 @@
 """lm-evaluation-harness adapter: exact scores against direct computation, offline local tasks, errors."""
 import json
-import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
