@@ -69,3 +69,19 @@ def test_cli_unknown_neuron_lists_the_choices(tmp_path):
     done = run_script("train.py", "neuron=lif_typo", f"hydra.run.dir={tmp_path}")
     assert done.returncode != 0
     assert "neuron/lif_typo" in done.stderr and "ternary" in done.stderr and "none" in done.stderr
+
+
+def test_the_hydra_internals_the_command_line_check_uses_still_behave():
+    """config/cli.py reads the command line with Hydra's own parser (``hydra._internal``, no public
+    API) and composes with ``GlobalHydra.instance().hydra.compose_config`` as ``@hydra.main`` does:
+    this fails first when a Hydra upgrade changes either, before any one-line error test does."""
+    from hydra._internal.utils import get_args_parser
+
+    from spikellm.config.cli import _Composer, _parse_args
+
+    args, unknown = get_args_parser().parse_known_args(["-m", "--cfg", "job", "a=1", "b=2"])
+    assert (args.multirun, args.cfg, args.overrides, unknown) == (True, "job", ["a=1", "b=2"], [])
+    parsed = _parse_args(["--config-name", "eval", "ckpt=x"])
+    assert parsed.config_name == "eval" and parsed.overrides == ["ckpt=x"] and not parsed.multirun
+    cfg = _Composer(CONF, "eval").compose(["ckpt=x", "perplexity.batch_size=3"])  # GlobalHydra's compose_config
+    assert cfg.ckpt == "x" and cfg.perplexity.batch_size == 3 and "hydra" in cfg
