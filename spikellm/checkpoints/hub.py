@@ -67,7 +67,9 @@ def _map_rows(state, apply):
     """``state`` with ``apply`` on every tensor's batch rows."""
     if state is None:
         return None
-    if not hasattr(state, "length"):  # the MatMul-free LM's RecurrentState: one [B, dim] per layer
+    from spikellm.models.matmulfree import RecurrentState
+
+    if isinstance(state, RecurrentState):  # one [B, dim] per layer
         state.layers = None if state.layers is None else [apply(t) for t in state.layers]
         return state
     for layer in state.layers:  # a KVCache
@@ -308,33 +310,27 @@ def _local_directory(name: str, revision, cache_dir, token, local_files_only: bo
 
 
 def _device(device_map) -> str:
-    """The one device ``device_map`` names (spikellm places a model whole)."""
+    """The one device ``device_map`` names (spikellm places a model whole), checked as eval.py checks ``device``."""
+    from spikellm.checks import check_device
+
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
             raise ConfigError("device_map", device_map, "a spikellm model runs on one device: give one device")
         device_map = devices.pop()
-    if device_map is None:
-        return "cpu"
     if isinstance(device_map, int):
-        return f"cuda:{device_map}"
-    if str(device_map) == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device_map)
+        device_map = f"cuda:{device_map}"
+    return check_device("cpu" if device_map is None else device_map, key="device_map")
 
 
 def _shard_bytes(size) -> int:
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper()
-    for unit, scale in (("GIB", 2 ** 30), ("MIB", 2 ** 20), ("KIB", 2 ** 10), ("GB", 10 ** 9), ("MB", 10 ** 6),
-                        ("KB", 10 ** 3), ("B", 1)):
-        if text.endswith(unit):
-            try:
-                return int(float(text.removesuffix(unit)) * scale)
-            except ValueError:
-                break
-    raise ConfigError("max_shard_size", size, "must be bytes (an int) or a size such as '5GB' or '500MB'")
+    """``max_shard_size`` as ``save_pretrained`` reads it (bytes, or ``"5GB"``, ``"500MB"``)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        raise ConfigError("max_shard_size", size, "must be bytes (an int) or a size such as '5GB' or '500MB'") from None
 
 
 __all__ = ["SpikellmConfig", "SpikellmForCausalLM", "SpikingCache"]

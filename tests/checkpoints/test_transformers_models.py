@@ -336,11 +336,21 @@ def test_lm_eval_cli_with_trust_remote_code(checkpoints):
 def test_bad_inputs_are_one_line(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no such directory, and not a Hub repository id"):
         SpikellmForCausalLM.from_pretrained(str(tmp_path / "nothing" / "here" / "at-all"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="'someone/missing-model' cannot be downloaded.*local directory"):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):  # what the hub client raises offline; nothing here reaches a hub
+        raise LocalEntryNotFoundError("cannot reach the Hub (offline)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match="'someone/missing-model' cannot be downloaded \\(LocalEntryNotFoundError: "
+                                        "cannot reach the Hub.*local directory"):
         SpikellmForCausalLM.from_pretrained("someone/missing-model")
     with pytest.raises(ConfigError, match="already quantized"):
         SpikellmForCausalLM.from_pretrained(checkpoints["llama-ternary"], quantization_config={"bits": 4})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device_map='cuda' is invalid: CUDA is not available"):
+            SpikellmForCausalLM.from_pretrained(checkpoints["llama-ternary"], device_map="cuda")
     model = SpikellmForCausalLM.from_pretrained(checkpoints["llama-ternary"])
     with pytest.raises(ConfigError, match="drop state_dict"):
         model.save_pretrained(tmp_path / "out", state_dict={})
