@@ -1,5 +1,5 @@
 """spikellm: spike-driven LLaMA-style language models (import-light: submodules load on use)."""
-__version__ = "0.1.0"
+from spikellm.version import __version__
 
 # registers spikellm's model directories with transformers' AutoConfig / AutoModelForCausalLM once
 # transformers loads them (importing nothing of it here)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from spikellm.version import __version__
+
 MODEL_TYPE = "spikellm"
 ARCHITECTURE = "SpikellmForCausalLM"
 MODELING_FILE = "modeling_spikellm.py"
@@ -39,7 +41,6 @@ def transformers_fields(model_config, tokenizer, dtype) -> dict:
     def first(*names, default=None):
         return next((getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None), default)
 
-    from spikellm import __version__
 
     eos, bos = int(tokenizer.eos_id), getattr(tokenizer, "bos_id", None)
     return {

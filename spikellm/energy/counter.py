@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from spikellm.energy.cost import CostModel
 from spikellm.energy.report import EnergyReport, LayerOps
 from spikellm.neurons.base import SpikeEncoder
+from spikellm.neurons.observers import attach, detach, find
 from spikellm.neurons.tally import SpikeTally
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.nn.work import AttentionWork, RecurrenceWork
@@ -96,7 +97,7 @@ class OperationCounter(HookSet):
         for index, (name, module) in enumerate(model.named_modules()):
             self._order[name] = index
             if isinstance(module, SpikingLinear) and module.encoder is not None:
-                module.encoder.tally = SpikeTally()
+                attach(module.encoder, SpikeTally())
                 self._tallied[name] = module
             elif isinstance(module, SpikingLinear):
                 self._handles.append(module.register_forward_hook(self._projection_hook(name)))
@@ -127,14 +128,15 @@ class OperationCounter(HookSet):
     def remove(self) -> None:
         self._fold_tallies()
         for layer in self._tallied.values():
-            layer.encoder.tally = None
+            detach(layer.encoder, SpikeTally)
         self._tallied.clear()
         super().remove()
 
     def _fold_tallies(self) -> None:
         """Move what the projections' tallies hold into their operation counts (fresh tallies)."""
         for name, layer in self._tallied.items():
-            tally, layer.encoder.tally = layer.encoder.tally, SpikeTally()
+            tally = find(layer.encoder, SpikeTally)
+            tally = tally.take() if tally is not None else None
             if tally is not None and tally.activations:
                 record_tally(self._layer(name, "projection"), layer, tally)
 

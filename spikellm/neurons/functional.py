@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from spikellm.errors import ConfigError
+
 
 def quantile_bound(magnitude: Tensor, gamma: float) -> Tensor:
     """Per-token clipping bound: the ``gamma`` quantile of ``magnitude`` over the last dim, kept dim.
@@ -42,6 +44,36 @@ def causal_channel_bound(magnitude: Tensor) -> Tensor:
     """Per-channel clipping bound over tokens ``[..., T, C]``: the running maximum up to each token,
     so a token's step never depends on later tokens (no leak of the future in a causal model)."""
     return magnitude.cummax(dim=-2).values
+
+
+def check_threshold_options(granularity: str, threshold: str, gamma: float) -> None:
+    """Refuse the combinations of threshold options that would silently do something else."""
+    if granularity == "channel" and (gamma < 1.0 or threshold != "bound"):
+        raise ConfigError("gamma" if gamma < 1.0 else "threshold", gamma if gamma < 1.0 else threshold,
+                          "granularity=channel takes the causal running max per channel; it has no γ-quantile "
+                          "or mean threshold: use gamma=1.0, threshold=bound")
+    if threshold == "mean" and gamma < 1.0:
+        raise ConfigError("gamma", gamma, "threshold=mean sets Δ = mean(|x|)/threshold_k and has no clipping "
+                          "quantile: use gamma=1.0 with it")
+
+
+def dynamic_step(magnitude: Tensor, threshold: str, threshold_k: float, granularity: str, gamma: float,
+                 step_levels: int) -> Tensor:
+    """The dynamic step Δ of ``magnitude`` (fp32): ``mean(|x|) / k`` per token (``threshold="mean"``),
+    or a bound over ``step_levels``: the γ-quantile per token, or the causal running max per channel."""
+    if threshold == "mean":
+        step = magnitude.mean(dim=-1, keepdim=True).clamp_min_(1e-8)
+        return step if threshold_k == 1.0 else step / threshold_k  # / 1 is exact: skip it
+    bound = causal_channel_bound(magnitude) if granularity == "channel" else quantile_bound(magnitude, gamma)
+    return bound.clamp_min(1e-8) / step_levels
+
+
+def lsq_gradient_scale(x: Tensor, max_count: int) -> float:
+    """LSQ's ``g = 1 / sqrt(N_F · Q_P)``, ``N_F`` the features of one example (Esser et al.:
+    "the number of features in a layer"): one sequence's ``x[0].numel()``, so the scale does
+    not shrink with the batch size; ``Q_P`` the top count."""
+    features = x[0].numel() if x.dim() > 1 else x.numel()
+    return 1.0 / math.sqrt(max(1, features) * max(1, max_count))
 
 
 def _ternary_decisions(membrane: Tensor, emitted: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from spikellm.neurons.observers import attach, detach, find
+
 MAX_HISTOGRAM_BINS = 1025  # wider count ranges (16-bit codes) keep no histogram
 
 
@@ -30,6 +32,10 @@ class SpikeStats:
     channels: int = 0
     steps: int = 0
     extra: dict = field(default_factory=dict)
+
+    def observe(self, encoder, forward) -> None:
+        """Count one encoding (an observer of :mod:`spikellm.neurons.observers`)."""
+        self.update(encoder, forward.counts, forward.outliers)
 
     @torch.no_grad()
     def update(self, encoder, counts: Tensor, outliers: Tensor | None = None) -> None:
@@ -102,12 +108,15 @@ def track_spikes(model: nn.Module, enabled: bool = True) -> None:
 
     for module in model.modules():
         if isinstance(module, SpikeEncoder):
-            module.stats = SpikeStats() if enabled else None
+            if enabled:
+                attach(module, SpikeStats())
+            else:
+                detach(module, SpikeStats)
 
 
 def spike_report(model: nn.Module) -> dict[str, dict]:
     """``{encoder name: summary}`` for every encoder of ``model`` that tracks statistics."""
     from spikellm.neurons.base import SpikeEncoder
 
-    return {name: module.stats.summary(module) for name, module in model.named_modules()
-            if isinstance(module, SpikeEncoder) and module.stats is not None}
+    return {name: find(module, SpikeStats).summary(module) for name, module in model.named_modules()
+            if isinstance(module, SpikeEncoder) and find(module, SpikeStats) is not None}

@@ -33,6 +33,16 @@ class SpikeTally:
                    active_rows=(row_spikes > 0).sum(),
                    outlier_events=0 if outliers is None else (outliers != 0).sum())
 
+    def observe(self, encoder, forward) -> None:
+        """Add one encoding's sums (an observer of :mod:`spikellm.neurons.observers`)."""
+        self.add(forward.tally)
+
+    def take(self) -> "SpikeTally":
+        """The sums so far, this tally starting afresh."""
+        taken = SpikeTally(**vars(self))
+        vars(self).update(vars(SpikeTally()))
+        return taken
+
     def add(self, other: "SpikeTally") -> None:
         self.activations += other.activations
         self.spikes = self.spikes + other.spikes

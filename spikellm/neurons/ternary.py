@@ -58,25 +58,24 @@ class TernaryEncoder(SpikeEncoder):
     def keeps_full_range(self) -> bool:
         return self.clip is None or self.residual == "outlier"
 
+    @property
+    def outlier_stream(self) -> bool:
+        return self.residual == "outlier" and self.clip is not None
+
     def surrogate_value(self, x: Tensor) -> Tensor:
         step = self.element_step(x).detach()
         return ternary_surrogate_value(x, step, self.num_steps, limit=self.count_bounds()[1])
 
     def outlier_counts(self, x: Tensor, step: Tensor, counts: Tensor) -> Tensor | None:
-        if self.residual != "outlier" or self.clip is None:
+        if not self.outlier_stream:
             return None
         scale = 1 if self.channel_scale is None else self.channel_scale
         return quantize_counts(x, step, -self.step_levels * scale, self.step_levels * scale) - counts
 
-    fused_overrides = ("outlier_counts",)  # no stream unless residual=outlier with a clip, which counts_reason names
-
-    def counts_reason(self) -> str | None:
-        if self.residual == "outlier" and self.clip is not None:
-            return "an outlier stream beside the clipped train"
-        return super().counts_reason()
+    fused_overrides = ("outlier_counts",)  # None unless outlier_stream, which dispatch.counts_reason names
 
     def window_bounds(self):
-        if not (self.residual == "outlier" and self.clip is not None):
+        if not self.outlier_stream:
             return self.count_bounds()
         scale = 1 if self.channel_scale is None else self.channel_scale
         return -self.step_levels * scale, self.step_levels * scale

@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 
+from spikellm.neurons import dispatch, observers
 from spikellm.nn.spiking_linear import SpikingLinear
 from spikellm.ops.hadamard import hadamard_transform
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def kernel_reason(layer: SpikingLinear) -> str | None:
     """Why ``layer`` cannot run on the kernels, or None when it can: the encoder says whether the
-    fused encoder computes its counts (:meth:`~spikellm.neurons.base.SpikeEncoder.kernel_reason`),
+    fused encoder computes its counts (:func:`~spikellm.neurons.dispatch.kernel_reason`),
     the layer whether its weights are integers with one scale per row."""
     if layer.encoder is None:
         return "no spike encoder (a float input)"
@@ -38,7 +39,7 @@ def kernel_reason(layer: SpikingLinear) -> str | None:
         return "group-wise weight scales"
     if layer.unroll:
         return "unrolled in time"
-    return layer.encoder.kernel_reason()
+    return dispatch.kernel_reason(layer.encoder)
 
 
 def kernel_eligible(layer: SpikingLinear) -> bool:
@@ -52,17 +53,12 @@ def _kernel_forward(layer: SpikingLinear, x: Tensor) -> Tensor:
     rows = x.reshape(-1, layer.in_features).float()
     if layer.rotate:
         rows = hadamard_transform(rows)
-    given_step = None if encoder.absmax_step else encoder.token_step(rows).reshape(-1)
+    given_step = None if dispatch.absmax_step(encoder) else encoder.token_step(rows).reshape(-1)
     scale = encoder.channel_scale
     counts, step, _, _ = encode_counts(rows, encoder.step_levels, encoder.min_count, encoder.max_count,
                                        signed=encoder.min_count < 0, step=given_step, channel_scale=scale)
-    if encoder.stats is not None or encoder.tally is not None:  # counted as the float path's spikes
-        from spikellm.neurons.base import record_tallies
-
-        counted = counts.float().reshape(*x.shape[:-1], layer.in_features)
-        if encoder.stats is not None:
-            encoder.stats.update(encoder, counted)
-        record_tallies(encoder, (encoder,), counted, None)
+    if encoder.observers:  # counted as the float path's spikes
+        observers.observe(encoder, (), counts.float().reshape(*x.shape[:-1], layer.in_features), None)
     if scale is not None:  # one common step Δ / max m: integer counts n · max m / m
         top = scale.max()
         counts = (counts.float() * (top / scale)).to(torch.int8)

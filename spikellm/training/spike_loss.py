@@ -1,7 +1,7 @@
 """The spike-count objective: a term of the training loss that trains models to fire less.
 
 Every encoder records, on each training forward, its exact spike count with a gradient through the
-collapsed form (:meth:`spikellm.neurons.base.SpikeEncoder.spike_term`); this objective turns them
+collapsed form (:func:`spikellm.neurons.observers.spike_term`); this objective turns them
 into spikes per activation and a penalty ``weight · penalty``:
 
 * no target: the spikes per activation themselves (activation-weighted over the encoded layers,
@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_bool, check_float
 from spikellm.errors import ConfigError
+from spikellm.neurons import observers
+from spikellm.neurons.observers import SpikeTerms
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,20 @@ class SpikeObjective:
     def attach(self, model: nn.Module) -> None:
         """Make every encoder of ``model`` record its spike terms on training forwards."""
         for encoder in _encoders(model):
-            encoder.spike_terms = [] if self.enabled else None
+            if self.enabled:
+                observers.attach(encoder, SpikeTerms())
+            else:
+                observers.detach(encoder, SpikeTerms)
 
     def collect(self, model: nn.Module) -> tuple[Tensor, Tensor] | None:
         """``(weight · penalty, spikes per activation)`` of the forwards since the last call, the
         recorded terms cleared; None when nothing was recorded (off, or no encoder ran)."""
         spikes, activations = [], []
         for encoder in _encoders(model):
-            terms, encoder.spike_terms = encoder.spike_terms, ([] if encoder.spike_terms is not None else None)
-            if terms:
+            recorded = observers.find(encoder, SpikeTerms)
+            terms = list(recorded or ())
+            if recorded:
+                recorded.clear()
                 spikes.append(torch.stack([t for t, _ in terms]).sum())
                 activations.append(float(sum(n for _, n in terms)))
         if not spikes:

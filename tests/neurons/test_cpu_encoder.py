@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from spikellm.neurons import BitPlaneEncoder, GIFEncoder, IFEncoder, TernaryEncoder
-from spikellm.neurons.stats import track_spikes
+from spikellm.neurons.dispatch import fused_reason, kernel_reason
+from spikellm.neurons.observers import find
+from spikellm.neurons.stats import SpikeStats, track_spikes
 from spikellm.ops import cpu_encode
 from spikellm.ops.cpu_encode import encode_reference, fused_encode, fused_encode_channels
 
@@ -161,8 +163,8 @@ def test_encoder_forward_in_evaluation_equals_the_pytorch_path(name, allocation,
     with torch.no_grad():
         exactly(encoder(x), pytorch_value(encoder, x))
         fused = used_fused(encoder, x, monkeypatch)
-    expected = encoder.fused_reason() is None
-    assert fused == expected, (name, allocation, encoder.fused_reason())
+    expected = fused_reason(encoder) is None
+    assert fused == expected, (name, allocation, fused_reason(encoder))
 
 
 def test_forward_keeps_the_pytorch_path_where_more_than_the_value_is_needed(monkeypatch):
@@ -178,14 +180,14 @@ def test_forward_keeps_the_pytorch_path_where_more_than_the_value_is_needed(monk
     track_spikes(encoder)
     with torch.no_grad():
         encoder(x)
-    assert encoder.stats is not None and encoder.stats.activations == x.numel()
+    assert find(encoder, SpikeStats) is not None and find(encoder, SpikeStats).activations == x.numel()
     track_spikes(encoder, False)
     # a sibling recording its statistics from the shared train
     sibling = TernaryEncoder(bits=5)
     track_spikes(sibling)
     with torch.no_grad():
         exactly(encoder(x, siblings=(sibling,)), pytorch_value(encoder, x))
-    assert sibling.stats.activations == x.numel()
+    assert find(sibling, SpikeStats).activations == x.numel()
     # larger tensors: PyTorch's vectorised, threaded operations
     big = torch.randn(cpu_encode.MAX_ELEMENTS // 64 + 1, 64)
     with torch.no_grad():
@@ -207,7 +209,7 @@ def test_a_changed_encoder_is_planned_again():
         other.allocate_channels(torch.arange(24) < 4, addbit=1, separate=False)
         other(x)
         other.load_state_dict({"channel_scale": encoder.channel_scale, "separate_clusters": torch.tensor(True)})
-        assert other.fused_reason() == "separate per-cluster steps"
+        assert fused_reason(other) == "separate per-cluster steps"
         exactly(other(x), pytorch_value(other, x))
         copied = copy.deepcopy(encoder)
         assert "_fused" not in copied.__dict__
@@ -227,7 +229,7 @@ def test_an_encoder_with_its_own_collapsed_form_keeps_the_pytorch_path(monkeypat
             return x.float() ** 2
 
     for encoder in (Floor(bits=5), Squared(bits=4)):
-        assert "defines its own" in encoder.fused_reason() and encoder.kernel_reason() == encoder.fused_reason()
+        assert "defines its own" in fused_reason(encoder) and kernel_reason(encoder) == fused_reason(encoder)
         x = torch.randn(3, 16)
         with torch.no_grad():
             assert not used_fused(encoder, x, monkeypatch)
@@ -253,7 +255,7 @@ class Residual(TernaryEncoder):
 def test_an_encoder_overriding_any_part_of_its_collapsed_form_keeps_the_pytorch_path(cls, monkeypatch):
     encoder = cls(bits=4)
     x = torch.randn(4, 32) * 3
-    assert "defines its own" in encoder.fused_reason()
+    assert "defines its own" in fused_reason(encoder)
     with torch.no_grad():
         assert not used_fused(encoder, x, monkeypatch)
         exactly(encoder(x), pytorch_value(encoder, x))

@@ -260,7 +260,7 @@ class TestStatistics:
         assert sum(r["histogram"].values()) == activations
 
         track_spikes(layer, False)
-        assert encoder.stats is None and spike_report(layer) == {}
+        assert not encoder.observers and spike_report(layer) == {}
         assert torch.equal(layer(batches[0]), untracked[0])
 
     def test_statistics_are_tracked_when_training_unrolled(self, spec):

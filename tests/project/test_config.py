@@ -77,11 +77,12 @@ def test_the_hydra_internals_the_command_line_check_uses_still_behave():
     this fails first when a Hydra upgrade changes either, before any one-line error test does."""
     from hydra._internal.utils import get_args_parser
 
-    from spikellm.config.cli import _Composer, _parse_args
+    from spikellm.config.cli import _parse_args
+    from spikellm.config.overrides import Composer
 
     args, unknown = get_args_parser().parse_known_args(["-m", "--cfg", "job", "a=1", "b=2"])
     assert (args.multirun, args.cfg, args.overrides, unknown) == (True, "job", ["a=1", "b=2"], [])
     parsed = _parse_args(["--config-name", "eval", "ckpt=x"])
     assert parsed.config_name == "eval" and parsed.overrides == ["ckpt=x"] and not parsed.multirun
-    cfg = _Composer(CONF, "eval").compose(["ckpt=x", "perplexity.batch_size=3"])  # GlobalHydra's compose_config
+    cfg = Composer(CONF, "eval").compose(["ckpt=x", "perplexity.batch_size=3"])  # GlobalHydra's compose_config
     assert cfg.ckpt == "x" and cfg.perplexity.batch_size == 3 and "hydra" in cfg
