@@ -13,7 +13,7 @@ on the fused path).
 """
 from __future__ import annotations
 
-from functools import cached_property
+import contextlib
 
 import torch
 from torch import Tensor
@@ -51,12 +51,23 @@ def detach(encoder, kind: type):
 class Forward:
     """One encoding as its observers see it: counts, outlier counts, and what follows from them."""
 
+    # what several observers need is computed on first use, once (no functools.cached_property:
+    # its lock in Python 3.11 is a graph break under torch.compile)
     def __init__(self, encoder, counts: Tensor, outliers: Tensor | None, x: Tensor | None = None):
         self.encoder, self.counts, self.outliers = encoder, counts, outliers
         self._x = x  # the input, when a gradient is wanted (a spike term can then be made)
+        self._found: dict = {}
 
-    @cached_property
+    def _once(self, name: str, compute):
+        if name not in self._found:
+            self._found[name] = compute()
+        return self._found[name]
+
+    @property
     def _sums(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._once("sums", self._spike_sums)
+
+    def _spike_sums(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(spikes, spikes per token, spikes per count)``: per-token sums first, exact in fp32
         while a row's spikes stay below 2^24."""
         counts, bound = self.counts, self.encoder.largest_count
@@ -71,8 +82,11 @@ class Forward:
         """The spike events of this encoding (a 0-d tensor)."""
         return self._sums[0]
 
-    @cached_property
+    @property
     def tally(self) -> SpikeTally:
+        return self._once("tally", self._tally)
+
+    def _tally(self) -> SpikeTally:
         spikes, rows, per_count = self._sums
         counts, encoder = self.counts, self.encoder
         with torch.no_grad():
@@ -85,20 +99,42 @@ class Forward:
             levels = encoder.spike_levels(counts).sum(dtype=torch.float64) if encoder.graded else spikes
             return SpikeTally.of(counts, self.outliers, spikes, levels, rows, nonzero)
 
-    @cached_property
+    @property
     def term(self) -> Tensor | None:
         """The spike count, differentiable through the collapsed form (None without a gradient)."""
-        return None if self._x is None else spike_term(self.encoder, self._x, self.counts, self.spikes)
+        if self._x is None:
+            return None
+        return self._once("term", lambda: spike_term(self.encoder, self._x, self.counts, self.spikes))
+
+
+_recomputing = [False]
+
+
+@contextlib.contextmanager
+def recomputing():
+    """A forward run again to recompute activations in backward (activation checkpointing): its
+    encodings were observed the first time, so none is observed again. A spike term is still made,
+    unrecorded: backward reads the tensors it saved, which the recomputation must produce again."""
+    _recomputing[0] = True
+    try:
+        yield
+    finally:
+        _recomputing[0] = False
 
 
 def observe(encoder, siblings, counts: Tensor, outliers: Tensor | None, x: Tensor | None = None) -> None:
     """Hand one encoding to the observers of ``encoder`` and of the ``siblings`` sharing its train;
     ``x`` when the forward wants a gradient (a spike objective's term needs it)."""
     listeners = [(e, o) for e in (encoder, *siblings) for o in e.observers]
-    if listeners:
-        forward = Forward(encoder, counts, outliers, x)
-        for listener, observer in listeners:
-            observer.observe(listener, forward)
+    if not listeners:
+        return
+    forward = Forward(encoder, counts, outliers, x)
+    if _recomputing[0]:
+        if any(isinstance(o, SpikeTerms) for _, o in listeners):
+            forward.term  # noqa: B018 - the same operations as the first time, recorded nowhere
+        return
+    for listener, observer in listeners:
+        observer.observe(listener, forward)
 
 
 def spike_term(encoder, x: Tensor, counts: Tensor, spikes: Tensor) -> Tensor:

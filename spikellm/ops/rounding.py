@@ -82,4 +82,6 @@ def quantize_counts(x: Tensor, step: Tensor, low, high) -> Tensor:
     scaled = (x.float() / step).clamp_(low, high)
     fraction = torch.frac(scaled)
     scaled.add_(fraction)
+    if torch.compiler.is_compiling():  # the same numbers; dynamo refuses out= on a strided view
+        return scaled - torch.frac(scaled)
     return scaled.sub_(torch.frac(scaled, out=fraction))

@@ -43,6 +43,9 @@ class TrainResult:
     log_dirs: list[Path] = field(default_factory=list)
     spiking_checkpoint: Path | None = None  # packed weights + encoders + model card, for inference
     rank: int = 0  # the process's global rank: only rank 0 prints the summary
+    first_step_seconds: float | None = None  # includes compiling, with task.compile
+    step_seconds: float | None = None  # median wall time of the later training steps
+    compiled: bool = False  # task.compile: the blocks ran compiled
     data: dict = field(default_factory=dict)  # per split: tokens and where they came from
 
 
@@ -192,10 +195,20 @@ def _run_training(cfg: DictConfig, output_dir: Path) -> TrainResult:
         log_dirs=[Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)],
         spiking_checkpoint=spiking, rank=trainer.global_rank,
         data=datamodule.split_summary() if hasattr(datamodule, "split_summary") else {},
+        compiled=bool(getattr(task, "compile_blocks", False)), **_step_times(task.step_seconds),
     )
     if trainer.is_global_zero:
         write_summary(result, cfg)
     return result
+
+
+def _step_times(seconds: list[float]) -> dict:
+    """The first training step's wall time (where compiling happens) and the median of the others."""
+    import statistics
+
+    later = seconds[1:]
+    return {"first_step_seconds": seconds[0] if seconds else None,
+            "step_seconds": statistics.median(later) if later else None}
 
 
 def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
@@ -213,6 +226,8 @@ def write_summary(result: TrainResult, cfg: DictConfig) -> Path:
         "val_ppl": result.val_ppl, "val_loss": result.val_loss, "initial_val_ppl": result.initial_val_ppl,
         "spikes_per_activation": result.spikes_per_activation, "firing_rate": result.firing_rate,
         "steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": result.seconds,
+        "first_step_seconds": result.first_step_seconds, "step_seconds": result.step_seconds,
+        "compiled": result.compiled,
         "neuron": OmegaConf.to_container(cfg.neuron, resolve=True) if cfg.get("neuron") else None,
         "spike_loss": OmegaConf.to_container(cfg.task.spike_loss, resolve=True) if cfg.task.get("spike_loss") else None,
         "overrides": hydra_overrides, "data": result.data,
@@ -328,6 +343,10 @@ def print_summary(result: TrainResult, title: str = "spikellm: training done") -
         table.add_row("firing rate", f"{result.firing_rate:.2%} of neuron-steps")
     table.add_row("steps / tokens", f"{result.steps} / {result.tokens_seen:,}")
     table.add_row("time", f"{result.seconds:.1f} s")
+    if result.step_seconds is not None:
+        compiling = " (compiling the blocks)" if result.compiled else ""
+        table.add_row("step time", f"first {result.first_step_seconds:.2f} s{compiling}, "
+                                   f"then {result.step_seconds:.3f} s (median)")
     table.add_row("checkpoint", str(result.checkpoint))
     if result.spiking_checkpoint is not None:
         table.add_row("spiking checkpoint", str(result.spiking_checkpoint))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spikellm.checks import check_float, check_int
+from spikellm.checks import check_bool, check_float, check_int
 from spikellm.config import build_model
 from spikellm.errors import ConfigError
 from spikellm.training.spike_loss import SpikeObjective
@@ -28,15 +28,33 @@ class LanguageModelTask(pl.LightningModule):
     logging, an optional spike-count term in the loss (``spike_loss``, see
     :mod:`spikellm.training.spike_loss`), and AdamW with warmup + cosine over ``hparams`` lr,
     weight_decay, betas, warmup_steps, max_steps, min_lr_ratio. A subclass sets ``self.model`` and
-    :meth:`training_loss`."""
+    :meth:`training_loss`.
+
+    ``compile``: each block of the model compiled with ``torch.compile`` when training starts
+    (:mod:`spikellm.models.execution`); ``activation_checkpointing``: each block's activations
+    recomputed in backward, not kept. Neither changes the parameters or the checkpoints."""
 
     model: torch.nn.Module
 
-    def __init__(self, spike_loss: dict | None = None):
+    def __init__(self, spike_loss: dict | None = None, compile: bool = False, activation_checkpointing: bool = False):
         super().__init__()
         self._val_totals: Tensor | None = None  # [sum of token NLL, tokens] over the epoch
         self._last_step_end: float | None = None
         self.spike_objective = SpikeObjective.from_config(spike_loss)  # build() prefixes task.
+        self.compile_blocks = check_bool("compile", compile)
+        self.recompute_blocks = check_bool("activation_checkpointing", activation_checkpointing)
+        self.step_seconds: list[float] = []  # wall time of each training step of this fit (the first compiles)
+
+    def setup(self, stage: str) -> None:
+        from spikellm.models.execution import checkpoint_blocks, compile_blocks
+
+        if stage != "fit":
+            return
+        if self.recompute_blocks:
+            checkpoint_blocks(self.model)
+        if self.compile_blocks and not getattr(self, "_compiled", False):
+            compile_blocks(self.model)
+            self._compiled = True
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -73,6 +91,13 @@ class LanguageModelTask(pl.LightningModule):
                      sync_dist=True, reduce_fx="sum")
         self._last_step_end = now
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int):
+        # forward, backward and optimizer step (Lightning calls this hook after the update)
+        self.step_seconds.append(time.perf_counter() - self._batch_start)
 
     def on_train_epoch_start(self):
         self._last_step_end = None
@@ -130,8 +155,8 @@ class CausalLMTask(LanguageModelTask):
     def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000,
-                 spike_loss: dict | None = None):
-        super().__init__(spike_loss)
+                 spike_loss: dict | None = None, compile: bool = False, activation_checkpointing: bool = False):
+        super().__init__(spike_loss, compile, activation_checkpointing)
         check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps)
         self.save_hyperparameters()
         self.model = build_model(model, neuron)
