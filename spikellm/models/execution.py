@@ -27,11 +27,11 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     raise ConfigError("model", type(model).__name__, "has no list of blocks (layers) to compile or checkpoint")
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
+def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "inductor") -> int:
     """Compile every block of ``model`` in place (``nn.Module.compile``); returns how many."""
     layers = blocks(model)
     for block in layers:
-        block.compile(mode=mode)
+        block.compile(mode=mode, backend=backend)
     return len(layers)
 
 

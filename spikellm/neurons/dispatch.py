@@ -99,12 +99,13 @@ def forward(encoder, x: Tensor, siblings=()) -> Tensor:
     grad_mode = torch.is_grad_enabled()
     learned = encoder.step_scale
     needs_grad = grad_mode and (x.requires_grad or (learned is not None and learned.requires_grad))
-    no_grad = torch.no_grad() if grad_mode else contextlib.nullcontext()
-    with no_grad:
+    # a fresh context each time: one object entered twice around a graph break leaves torch.compile's
+    # resumed code with gradients off
+    with torch.no_grad() if grad_mode else contextlib.nullcontext():
         outliers = encoder.outlier_counts(x, step, counts)
     # outside no_grad: a spike objective's term carries a gradient
     observers.observe(encoder, siblings, counts, outliers, x if needs_grad else None)
-    with no_grad:
+    with torch.no_grad() if grad_mode else contextlib.nullcontext():
         if not needs_grad:  # evaluation: the value alone, no clipping window to keep
             total = counts.mul_(step) if outliers is None else (counts + outliers).mul_(step)
             return total.to(x.dtype)

@@ -33,6 +33,9 @@ class SpikeStats:
     steps: int = 0
     extra: dict = field(default_factory=dict)
 
+    # the histogram's size depends on the counts (bincount): torch.compile runs this eagerly, the
+    # one graph break of a compiled forward that tracks statistics (validation, not training)
+    @torch.compiler.disable
     def observe(self, encoder, forward) -> None:
         """Count one encoding (an observer of :mod:`spikellm.neurons.observers`)."""
         self.update(encoder, forward.counts, forward.outliers)
