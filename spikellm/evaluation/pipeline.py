@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from spikellm.checks import check_device, check_int
+from spikellm.checks import check_bool, check_device, check_int
 from spikellm.config import build
 from spikellm.energy.cost import cost_model
 from spikellm.errors import ConfigError, SpikeLLMError
@@ -31,6 +31,10 @@ def run_evaluation(cfg: DictConfig) -> tuple[dict, object]:
     loaded = load_model(cfg.ckpt, neuron=neuron, device=device, backend=cfg.get("backend", "auto"),
                         dtype=cfg.get("dtype", "auto"))
     model = loaded.model
+    if cfg.get("compile"):  # checked by check_settings
+        from spikellm.models.execution import compile_blocks
+
+        compile_blocks(model)
     if cfg.get("hardware"):  # the MatMul-free LM's fixed-point form (hardware=loihi2)
         from spikellm.models.matmulfree import MatMulFreeLM, set_hardware_mode
 
@@ -108,6 +112,7 @@ def check_settings(cfg: DictConfig) -> None:
     if ppl.stride is not None:
         check_int("perplexity.stride", ppl.stride, 1)
     check_int("perplexity.batch_size", ppl.batch_size, 1)
+    check_bool("compile", cfg.get("compile", False))
     for dataset in ppl.datasets or []:
         if str(dataset) not in CORPORA and not Path(str(dataset)).expanduser().exists():
             raise ConfigError("perplexity.datasets", str(dataset), "is no corpus name (pydoc, wikitext2, c4) and no "

@@ -182,8 +182,9 @@ def _run_training(cfg: DictConfig, output_dir: Path) -> TrainResult:
     with _full_parameters(trainer):  # every rank enters (FSDP gathers); only rank 0 writes
         spiking = (save_final_checkpoint(cfg, task, datamodule, final, energy, output_dir / "spiking_checkpoint")
                    if trainer.is_global_zero else None)
-    # data.batch_size is per process: a step trains on world_size of them
-    tokens_per_step = datamodule.hparams.block_size * datamodule.hparams.batch_size * trainer.world_size
+    # data.batch_size is per process: an optimizer step trains on world_size x accumulated batches of them
+    tokens_per_step = (datamodule.hparams.block_size * datamodule.hparams.batch_size * trainer.world_size
+                       * trainer.accumulate_grad_batches)
     result = TrainResult(
         output_dir=output_dir, checkpoint=checkpoint, steps=trainer.global_step,
         tokens_seen=trainer.global_step * tokens_per_step, seconds=time.perf_counter() - start,

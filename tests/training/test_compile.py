@@ -129,13 +129,14 @@ def test_recomputed_blocks_give_the_same_loss_gradients_and_statistics(group):
     assert list(recomputed.state_dict()) == list(kept.state_dict())  # the checkpoint keys stay
 
 
-def test_activation_checkpointing_runs_in_train_py(tmp_path):
+def test_activation_checkpointing_and_accumulation_run_in_train_py(tmp_path):
     from spikellm.training.pipeline import run_training
 
     cfg = compose(["experiment=smoke", "trainer.max_steps=3", "task.activation_checkpointing=true",
-                   "+trainer.enable_progress_bar=false"], tmp_path)
+                   "trainer.accumulate_grad_batches=2", "+trainer.enable_progress_bar=false"], tmp_path)
     result = run_training(cfg)
     assert result.steps == 3 and result.val_ppl > 0 and result.step_seconds is not None
+    assert result.tokens_seen == 3 * 2 * 4 * 64  # optimizer steps x accumulated batches x batch x block
 
 
 @pytest.mark.slow
@@ -156,3 +157,35 @@ def test_a_compiled_run_resumes_and_reports_its_compile_time(tmp_path):
     dynamo.reset()
     resumed = run_training(compose([*common, "trainer.max_steps=6", f"ckpt_path={first.checkpoint}"], tmp_path / "b"))
     assert resumed.steps == 6 and resumed.compiled
+
+
+def _evaluate(tmp_path, name: str, *overrides: str) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from spikellm.evaluation.pipeline import run_evaluation
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("eval", overrides=[f"ckpt={ROOT / 'tests' / 'fixtures' / 'formats' / 'spiking'}",
+                                               f"perplexity.datasets=[{corpus}]", "perplexity.seqlen=32",
+                                               f"paths.output_dir={tmp_path / name}", *overrides])
+    return run_evaluation(cfg)[0]
+
+
+def test_compiled_evaluation_gives_the_same_perplexity_and_energy(tmp_path, monkeypatch):
+    """eval.py compile=true: the same perplexity (to 1e-5) and the same operation counts (the
+    energy counter's hooks and tallies work on compiled blocks). Dynamo + AOT autograd here."""
+    import functools
+
+    from spikellm.models import execution
+
+    eager = _evaluate(tmp_path, "eager")
+    dynamo.reset()
+    monkeypatch.setattr(execution, "compile_blocks", functools.partial(execution.compile_blocks, backend="aot_eager"))
+    compiled = _evaluate(tmp_path, "compiled", "compile=true")
+    (corpus,) = eager["perplexity"]
+    assert compiled["perplexity"][corpus]["ppl"] == pytest.approx(eager["perplexity"][corpus]["ppl"],
+                                                                 rel=1e-5)
+    assert compiled["energy"]["layers"] == eager["energy"]["layers"]
