@@ -26,6 +26,7 @@ from spikellm.errors import ConfigError
 PICO = 1e-12
 WEIGHT_READS = ("per_spike", "per_input")
 GRADED_SPIKES = ("one_ac", "level_acs", "mac")
+EVENTS = ("binary", "graded")
 #: What no cost model charges (DESIGN.md §4 keeps it in floating point, or it is not counted yet).
 LEFT_OUT = ("embeddings", "norms", "rotary embeddings", "softmax", "SiLU and the SwiGLU product", "residual adds",
             "Hadamard rotations", "spike generation and neuron updates", "KV-cache and attention score memory",
@@ -102,6 +103,11 @@ class CostModel:
             would be) or ``mac`` (one low-bit multiply-accumulate at ``graded_mac_pj``). Binary and
             ternary spikes have level 1 and cost one accumulate under every policy.
         graded_mac_pj: price of that multiply-accumulate; None for ``mac_pj``.
+        events: what a projection's encoded input sends: ``binary`` spikes (a count ``n`` is ``|n|``
+            spikes, each one event, its weight reads and accumulates, as on Loihi 1), or ``graded``
+            events (a non-zero count is one event carrying ``n`` as its payload: one read of its
+            weight row and one multiply-accumulate per output at ``graded_mac_pj``, whatever ``|n|``,
+            as SENECA and Loihi 2 carry integer payloads). Zeros send nothing either way.
         source: where the figures come from.
     """
 
@@ -118,6 +124,7 @@ class CostModel:
     activation_write_pj: float = 0.0
     graded_spike: str = "one_ac"
     graded_mac_pj: float | None = None
+    events: str = "binary"
     source: str = ""
     # fields of earlier versions, refused with what replaced them
     load_pj: InitVar[float | None] = None
@@ -140,6 +147,8 @@ class CostModel:
             raise ConfigError("weight_reads", self.weight_reads, "must be one of: " + ", ".join(WEIGHT_READS))
         if self.graded_spike not in GRADED_SPIKES:
             raise ConfigError("graded_spike", self.graded_spike, "must be one of: " + ", ".join(GRADED_SPIKES))
+        if self.events not in EVENTS:
+            raise ConfigError("events", self.events, "must be one of: " + ", ".join(EVENTS))
 
     @property
     def scale(self) -> float:
@@ -173,6 +182,8 @@ class CostModel:
         """What this model charges, in a few words (figure titles, summary lines)."""
         graded = {"one_ac": "graded spike = 1 AC", "level_acs": "graded spike = level ACs",
                   "mac": f"graded spike = 1 MAC ({_pj(self.graded_mac)})"}[self.graded_spike]
+        if self.events == "graded":
+            graded = f"graded events: a non-zero count = 1 event, 1 row read, 1 MAC ({_pj(self.graded_mac)}) per output"
         parts = [f"MAC {_pj(self.mac_pj)}, AC {_pj(self.ac_pj)}, {graded}"]
         if self.weight_read_pj:
             mode = self.weight_reads.replace("_", " ")
@@ -202,6 +213,9 @@ class CostModel:
         graded = {"one_ac": "one AC per graded spike whatever its level",
                   "level_acs": "k ACs per graded spike of level k",
                   "mac": f"one MAC ({_pj(self.graded_mac)}) per graded spike"}[self.graded_spike]
+        if self.events == "graded":
+            graded = (f"graded events: a projection's non-zero input count is one event, one read of its "
+                      f"weight row and one MAC ({_pj(self.graded_mac)}) per output, whatever the count")
         left = list(LEFT_OUT)
         if not self.weight_read_pj:
             left.insert(0, "weight reads")

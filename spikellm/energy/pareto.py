@@ -30,6 +30,14 @@ class RunPoint:
     dense: bool = False  # a run without encoders (neuron=none): the reference
     priced: dict[str, dict] = field(default_factory=dict)  # cost model name -> figures
 
+    @property
+    def nonzero_fraction(self) -> float | None:
+        """Non-zero inputs over encoded inputs of the block projections: the share of weight rows
+        a spiking layer reads (None for a dense run)."""
+        encoded = [layer for layer in self.report.layers if layer.kind == "projection" and layer.encoded]
+        activations = sum(layer.activations for layer in encoded)
+        return sum(layer.nonzero_inputs for layer in encoded) / activations if activations else None
+
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
     """Run directories (holding ``summary.json``) at or below ``paths`` (a multirun sweep's
@@ -103,18 +111,20 @@ def pareto_front(points: list[RunPoint], cost_name: str) -> list[RunPoint]:
 
 
 def markdown_table(points: list[RunPoint], costs: list[CostModel]) -> str:
-    """One row per run: ppl, ×dense ppl, spikes per activation, and per cost model µJ/token,
+    """One row per run: ppl, ×dense ppl, spikes per activation, the fraction of non-zero projection
+    inputs, and per cost model µJ/token,
     ×dense (whole model) and ×dense (block projections); ``*`` marks the Pareto front."""
     dense_ppl = min((p.val_ppl for p in points if p.dense), default=None)
     fronts = {cost.name: {id(p) for p in pareto_front(points, cost.name)} for cost in costs}
-    header = ["run", "val ppl", "× dense ppl", "spikes/act"]
+    header = ["run", "val ppl", "× dense ppl", "spikes/act", "non-zero inputs"]
     for cost in costs:
         header += [f"{cost.name}: µJ/tok", "× dense", "× dense (projections)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in sorted(points, key=lambda p: p.priced[costs[0].name]["uj_per_token"]):
         cells = [p.label + (" (dense)" if p.dense else ""), f"{p.val_ppl:.2f}",
                  "" if dense_ppl is None else f"{p.val_ppl / dense_ppl:.3f}",
-                 "—" if p.spikes_per_activation is None or p.dense else f"{p.spikes_per_activation:.3f}"]
+                 "—" if p.spikes_per_activation is None or p.dense else f"{p.spikes_per_activation:.3f}",
+                 "—" if p.nonzero_fraction is None else f"{p.nonzero_fraction:.1%}"]
         for cost in costs:
             f = p.priced[cost.name]
             star = "*" if id(p) in fronts[cost.name] else ""

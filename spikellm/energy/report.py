@@ -116,12 +116,20 @@ class EnergyReport:
                "mac": layer.sops - layer.graded_sops}[cost.graded_spike]
         graded_macs = layer.graded_sops if cost.graded_spike == "mac" else 0.0
         reads = writes = weights = 0.0
+        events = layer.spikes
         if layer.kind in WEIGHTED:
             weights = (layer.nonzero_inputs * layer.out_features if cost.weight_reads == "per_input"
                        else layer.sops + layer.macs)
             reads, writes = layer.float_inputs, layer.tokens * layer.out_features
+            if cost.events == "graded" and layer.encoded:
+                # each non-zero count: one event, its row read once, one multiply per output (an
+                # outlier rides on a saturated count, whose row it shares; inputs with a per-channel
+                # step arrive as numbers, MACs already, and fire no synaptic operation)
+                evented = layer.nonzero_inputs if layer.sops else 0.0
+                acs, graded_macs, events = 0.0, evented * layer.out_features, evented
+                weights = layer.nonzero_inputs * layer.out_features
         return Operations(macs=layer.macs + layer.scale_macs, graded_macs=graded_macs, acs=acs, weight_reads=weights,
-                          activation_reads=reads, activation_writes=writes, events=layer.spikes)
+                          activation_reads=reads, activation_writes=writes, events=events)
 
     def dense_operations(self, layer: LayerOps) -> Operations:
         """The layer run densely on the same tokens: every weight read per token, every input read."""

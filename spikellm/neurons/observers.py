@@ -14,6 +14,7 @@ on the fused path).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,12 +22,25 @@ from torch import Tensor
 from spikellm.neurons.tally import SpikeTally
 
 
+class Term(NamedTuple):
+    """One training forward's differentiable counts: spikes, non-zero inputs (or None), and activations."""
+
+    spikes: Tensor
+    nonzero: Tensor | None
+    activations: int
+
+
 class SpikeTerms(list):
-    """``(differentiable spike count, activations)`` of each training forward since the terms were taken."""
+    """The :class:`Term` of each training forward since the terms were taken; ``nonzero``: also
+    the differentiable count of non-zero inputs (a non-zero target wants it)."""
+
+    def __init__(self, nonzero: bool = False):
+        super().__init__()
+        self.nonzero = nonzero
 
     def observe(self, encoder, forward: "Forward") -> None:
         if forward.term is not None:
-            self.append((forward.term, forward.counts.numel()))
+            self.append(Term(forward.term, forward.nonzero_term if self.nonzero else None, forward.counts.numel()))
 
 
 def find(encoder, kind: type):
@@ -100,6 +114,13 @@ class Forward:
             return SpikeTally.of(counts, self.outliers, spikes, levels, rows, nonzero)
 
     @property
+    def nonzero_term(self) -> Tensor | None:
+        """The non-zero inputs' count, differentiable (None without a gradient)."""
+        if self._x is None:
+            return None
+        return self._once("nonzero", lambda: nonzero_term(self.encoder, self._x, self.counts))
+
+    @property
     def term(self) -> Tensor | None:
         """The spike count, differentiable through the collapsed form (None without a gradient)."""
         if self._x is None:
@@ -130,8 +151,10 @@ def observe(encoder, siblings, counts: Tensor, outliers: Tensor | None, x: Tenso
         return
     forward = Forward(encoder, counts, outliers, x)
     if _recomputing[0]:
-        if any(isinstance(o, SpikeTerms) for _, o in listeners):
+        for _, terms in (pair for pair in listeners if isinstance(pair[1], SpikeTerms)):
             forward.term  # noqa: B018 - the same operations as the first time, recorded nowhere
+            if terms.nonzero:
+                forward.nonzero_term  # noqa: B018
         return
     for listener, observer in listeners:
         observer.observe(listener, forward)
@@ -158,3 +181,20 @@ def spike_term(encoder, x: Tensor, counts: Tensor, spikes: Tensor) -> Tensor:
         low, high = encoder.count_bounds()
         proxy = encoder.spike_proxy((x.float() / step).clamp(low, high).abs()).sum()
     return spikes + (proxy - proxy.detach())
+
+
+def nonzero_term(encoder, x: Tensor, counts: Tensor) -> Tensor:
+    """The count of non-zero inputs of a forward, exact in value, with the gradient of
+    ``Σ min(1, |x| / (2 z Δ))``: ``z Δ`` is where a count leaves zero (``z = 1/2`` for rounding,
+    the dead zone where one is set), so inputs below twice that are pushed toward zero (and the
+    step, through its dependence on ``x`` and a learned scale, up); larger ones stay non-zero."""
+    magnitude = encoder.magnitude(x)
+    step = encoder._step_of(magnitude)
+    if encoder.step_scale is not None:
+        step = step * encoder.step_scale.abs().clamp_min(1e-4)
+    if encoder.channel_scale is not None:
+        step = step / encoder.channel_scale
+    edge = 2 * max(0.5, encoder.dead_zone)
+    proxy = (magnitude / (edge * step)).clamp(max=1.0).sum()
+    exact = (counts != 0).sum(dtype=torch.float64)
+    return exact + (proxy - proxy.detach())

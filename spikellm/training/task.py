@@ -80,9 +80,11 @@ class LanguageModelTask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         spike = self.spike_objective.collect(self.model) if self.spike_objective.enabled else None
         if spike is not None:  # logged beside the task loss, which train/loss stays
-            spike_loss, spikes_per_activation = spike
+            spike_loss, spikes_per_activation, nonzero_fraction = spike
             self.log("train/spike_loss", spike_loss.detach(), sync_dist=True)
             self.log("train/spikes_per_activation", spikes_per_activation, prog_bar=True, sync_dist=True)
+            if nonzero_fraction is not None:
+                self.log("train/nonzero_fraction", nonzero_fraction, prog_bar=True, sync_dist=True)
             loss = loss + spike_loss
         now = time.perf_counter()
         if self._last_step_end is not None:  # wall time of a whole step: data, forward, backward, update

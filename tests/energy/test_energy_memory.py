@@ -258,3 +258,34 @@ def test_an_energy_json_written_before_operand_bits_still_reads(tmp_path):
     data["cost_model"]["bits"] = data["cost_model"].pop("operand_bits")
     again = EnergyReport.from_dict(data)
     assert again.cost.operand_bits == report.cost.operand_bits and again.joules == pytest.approx(report.joules)
+
+
+@pytest.mark.parametrize("encoder", [lambda: TernaryEncoder(bits=3), lambda: GIFEncoder(bits=4, levels=4, signed=True)],
+                         ids=["ternary", "gif"])
+def test_graded_events_against_hand_counts(encoder):
+    """``events: graded`` (SENECA, Loihi 2): a non-zero count is one event carrying its value: one
+    read of its weight row and one multiply-accumulate per output, whatever the count; zeros send
+    nothing. Against the temporal form's non-zero elements, on the two-layer model."""
+    torch.manual_seed(0)
+    model = CFG.build(encoder=encoder)
+    projections = {f"layers.{i}.{path}": getattr(getattr(model.layers[i], path.split(".")[0]), path.split(".")[1])
+                   for i in range(2) for path in SHAPES}
+    counter, seen = run(model, torch.randint(0, 11, (BATCH, SEQ)), keep={layer: name for name, layer in projections.items()})
+    report = counter.report(prices(events="graded", weight_reads="per_spike", graded_spike="level_acs"))
+    layers = by_name(report)
+    for name, layer in projections.items():
+        in_features, out = SHAPES[name.split(".", 2)[2]]
+        spikes, _, nonzero = train_facts(layer.encoder, seen[name])
+        n_nonzero = nonzero.sum().item()
+        assert n_nonzero < spikes.sum().item()  # some count is above 1: binary spikes would be more events
+        active_tokens = nonzero.reshape(-1, in_features).any(-1).sum().item()
+        assert report.operations(layers[name]) == Operations(
+            macs=active_tokens * out, graded_macs=n_nonzero * out, acs=0, weight_reads=n_nonzero * out,
+            activation_reads=0, activation_writes=TOKENS * out, events=n_nonzero), name
+
+
+def test_seneca_prices_graded_events_and_loihi_binary_spikes():
+    assert load_cost_model("seneca").events == "graded"
+    assert load_cost_model("loihi").events == "binary"
+    with pytest.raises(Exception, match="events='analog' is invalid: must be one of: binary, graded"):
+        CostModel(name="x", mac_pj=1.0, ac_pj=1.0, events="analog")

@@ -34,7 +34,7 @@ def test_spike_term_is_the_exact_count_with_a_finite_gradient(name):
     objective = SpikeObjective(weight=1.0)
     objective.attach(encoder)
     encoder(x)
-    penalty, rate = objective.collect(encoder)
+    penalty, rate, _ = objective.collect(encoder)
     assert rate.item() == pytest.approx(spikes_per_activation(encoder, x), rel=1e-6)
     assert penalty.item() == pytest.approx(rate.item(), rel=1e-6)  # weight 1, no target
     penalty.backward()
@@ -82,12 +82,12 @@ def test_target_penalises_only_the_excess_and_per_layer_each_layer():
     high = SpikeObjective(weight=2.0, target=100.0)
     high.attach(model)
     a(x), b(y)
-    penalty, _ = high.collect(model)
+    penalty, _, _ = high.collect(model)
     assert penalty.item() == 0.0
     per_layer = SpikeObjective(weight=1.0, target=1.5, per_layer=True)
     per_layer.attach(model)
     a(x), b(y * 0.01 + torch.sign(y))
-    penalty, rate = per_layer.collect(model)
+    penalty, rate, _ = per_layer.collect(model)
     expected = (max(0, rate_a - 1.5) + max(0, rate_b - 1.5)) / 2
     assert penalty.item() == pytest.approx(expected, rel=1e-5)
     assert rate.item() == pytest.approx((rate_a + rate_b) / 2, rel=1e-5)  # equal activations
