@@ -29,8 +29,7 @@ GRADED_SPIKES = ("one_ac", "level_acs", "mac")
 EVENTS = ("binary", "graded")
 #: What no cost model charges (DESIGN.md §4 keeps it in floating point, or it is not counted yet).
 LEFT_OUT = ("embeddings", "norms", "rotary embeddings", "softmax", "SiLU and the SwiGLU product", "residual adds",
-            "Hadamard rotations", "spike generation and neuron updates", "KV-cache and attention score memory",
-            "recurrent state memory")
+            "Hadamard rotations", "spike generation and neuron updates", "recurrent state memory")
 
 
 @dataclass(frozen=True)

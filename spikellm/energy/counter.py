@@ -44,8 +44,10 @@ pass the counts themselves to :func:`record_encoded`. Both follow the same rules
     ``j`` and ``c``: each non-zero key element is a number (one multiply) and every query of its
     group multiplies it, ``Σ_{(j,c): n_jc != 0} fan_out_j`` MACs and no accumulates.
 
-  The outlier stream of K and V adds one MAC per fan-out. Softmax, the scores, P and the KV cache's
-  memory are not counted.
+  The outlier stream of K and V adds one MAC per fan-out. Softmax is not counted. Memory, on the
+  models that charge activations: every new key and value written to the cache and read by each
+  query of its group (at the count's width when spiking K/V store counts, else the float width),
+  and the scores P written and read once.
 
   With a KV cache (:class:`~spikellm.models.llama.KVCache`, cached decoding) a forward's queries are
   the new tokens ``start .. start + T - 1`` and they read every cached key: float products cost
@@ -173,6 +175,15 @@ class OperationCounter(HookSet):
             ops.dense_macs += 2 * pairs * attention.head_dim  # Q·Kᵀ and P·V
             if attention.encoder is None:
                 ops.macs += 2 * pairs * attention.head_dim
+            # memory where the model keeps it: this forward's keys and values written to the cache,
+            # every cached key and value read by each query of its group, the scores written and
+            # read back for P·V (a query head's row of P per query)
+            kv_pairs = pairs // (attention.n_heads // attention.n_kv_heads)
+            ops.kv_writes += 2 * batch * seq * attention.n_kv_heads * attention.head_dim
+            ops.kv_reads += 2 * kv_pairs * attention.head_dim
+            ops.score_elements += pairs
+            if attention.encoder:  # spiking K/V are stored as counts of the encoder's width
+                ops.kv_bits = max(_count_bits(encoder) for encoder in attention.encoder.values())
         return hook
 
     def _attention_encoder_hook(self, name: str, attention, role: str):
@@ -242,7 +253,7 @@ class OperationCounter(HookSet):
 
 
 #: LayerOps fields that describe a layer rather than add up over forwards
-_DESCRIPTIVE = ("name", "kind", "in_features", "out_features", "encoded", "steps")
+_DESCRIPTIVE = ("name", "kind", "in_features", "out_features", "encoded", "steps", "kv_bits")
 
 
 def _difference(after: LayerOps, before: LayerOps | None) -> LayerOps:
@@ -276,6 +287,12 @@ def _add_shape(ops: LayerOps, layer, tokens: int) -> None:
     ops.tokens += tokens
     ops.in_features, ops.out_features = layer.in_features, layer.out_features
     ops.dense_macs += tokens * layer.in_features * layer.out_features
+
+
+def _count_bits(encoder) -> int:
+    """Bits of a stored count: sign and magnitude up to the largest count."""
+    low, high = encoder.min_count, encoder.max_count
+    return max(abs(low), abs(high)).bit_length() + (1 if low < 0 else 0)
 
 
 def record_tally(ops: LayerOps, layer: SpikingLinear, tally) -> None:

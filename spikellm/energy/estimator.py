@@ -88,7 +88,7 @@ def estimate_llama(config: LlamaConfig, seq_len: int, cost: CostModel, sequences
                    spiking_attention: float | None = None,
                    nonzero: float | Mapping[str, float] | None = None,
                    spike_level: float | None = None,
-                   key_granularity: str = "channel") -> EnergyReport:
+                   key_granularity: str = "channel", kv_bits: int | None = None) -> EnergyReport:
     """Operation counts and energy of ``sequences`` sequences of ``seq_len`` tokens through ``config``.
 
     Args:
@@ -111,6 +111,8 @@ def estimate_llama(config: LlamaConfig, seq_len: int, cost: CostModel, sequences
             (GIF with L > 2) in the projections: their mean level (summed levels / spikes).
         key_granularity: ``"channel"`` (the default of ``neuron=ternary_attention``) or ``"token"``:
             the step of the spiking keys.
+        kv_bits: with spiking attention, the width of a stored K/V count (the KV cache's memory is
+            charged at it); None: the cost model's float width.
 
     Raises:
         ConfigError: naming the invalid argument (``seq_len``, ``sequences``,
@@ -122,6 +124,8 @@ def estimate_llama(config: LlamaConfig, seq_len: int, cost: CostModel, sequences
         raise ConfigError("cost", type(cost).__name__, "must be a CostModel (see load_cost_model)")
     check_int("seq_len", seq_len, 1, config.max_seq_len)
     check_int("sequences", sequences, 1)
+    if kv_bits is not None:
+        check_int("kv_bits", kv_bits, 1, 64)
     rates = _per_kind("spikes_per_activation", spikes_per_activation, PROJECTIONS, _check_rate)
     step_counts = _per_kind("steps", steps, (*PROJECTIONS, ATTENTION), lambda key, v: check_int(key, v, 0))
     if spiking_attention is not None:
@@ -145,8 +149,11 @@ def estimate_llama(config: LlamaConfig, seq_len: int, cost: CostModel, sequences
     layers: list[LayerOps] = []
     for i in range(config.n_layers):
         # the counter orders a layer's rows as its modules: the attention module (products) first
+        group = config.n_heads // config.n_kv_heads
         products = LayerOps(name=f"layers.{i}.self_attn.products", kind="attention", tokens=tokens,
-                            dense_macs=attention_dense)
+                            dense_macs=attention_dense, kv_writes=2 * tokens * config.n_kv_heads * config.head_dim,
+                            kv_reads=2 * (pairs // group) * config.head_dim, score_elements=pairs,
+                            kv_bits=kv_bits if spiking_attention is not None else None)
         if spiking_attention is None:
             products.macs = attention_dense
         else:

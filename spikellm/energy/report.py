@@ -57,6 +57,10 @@ class LayerOps:
             outliers, elements with a per-channel step).
         outliers: non-zero elements of the outlier stream.
         activations, steps: elements encoded and time steps of the trains.
+        kv_writes, kv_reads: attention's key and value elements written to the cache and read from
+            it (each by every query of its group); ``kv_bits`` their width when stored as spike
+            counts (None: floating point, the cost model's operand width); ``score_elements`` the
+            attention probabilities, each written once and read once for ``P·V``.
     """
 
     name: str
@@ -79,6 +83,10 @@ class LayerOps:
     outliers: float = 0.0
     activations: float = 0.0
     steps: int = 0
+    kv_writes: float = 0.0
+    kv_reads: float = 0.0
+    kv_bits: int | None = None
+    score_elements: float = 0.0
 
     @property
     def acs(self) -> float:
@@ -128,11 +136,17 @@ class EnergyReport:
                 evented = layer.nonzero_inputs if layer.sops else 0.0
                 acs, graded_macs, events = 0.0, evented * layer.out_features, evented
                 weights = layer.nonzero_inputs * layer.out_features
+        if layer.kind == "attention":  # the KV cache at the width it is stored, the scores in float
+            width = 1.0 if layer.kv_bits is None else layer.kv_bits / cost.operand_bits
+            reads, writes = layer.kv_reads * width + layer.score_elements, layer.kv_writes * width + layer.score_elements
         return Operations(macs=layer.macs + layer.scale_macs, graded_macs=graded_macs, acs=acs, weight_reads=weights,
                           activation_reads=reads, activation_writes=writes, events=events)
 
     def dense_operations(self, layer: LayerOps) -> Operations:
         """The layer run densely on the same tokens: every weight read per token, every input read."""
+        if layer.kind == "attention":  # a float KV cache
+            return Operations(macs=layer.dense_macs, activation_reads=layer.kv_reads + layer.score_elements,
+                              activation_writes=layer.kv_writes + layer.score_elements)
         if layer.kind not in WEIGHTED:
             return Operations(macs=layer.dense_macs)
         return Operations(macs=layer.dense_macs, weight_reads=layer.dense_macs,

@@ -97,8 +97,17 @@ def test_two_layer_model_against_hand_counts(encoder, weight_reads, graded_spike
     assert head == Operations(macs=TOKENS * 8 * 11, weight_reads=TOKENS * 8 * 11, activation_reads=TOKENS * 8,
                               activation_writes=TOKENS * 11)
     attention = BATCH * 2 * (SEQ * (SEQ + 1) // 2) * 4 * 2  # batch × heads × causal pairs × head_dim × (QK, PV)
-    for i in range(2):  # float attention products: MACs, no memory charged (KV cache left out)
-        assert report.operations(layers[f"layers.{i}.self_attn.products"]) == Operations(macs=attention)
+    # float attention: MACs; the KV cache in float: K and V written once per token (1 kv head of 4),
+    # each cached row read by every query of its group (2 query heads share it), P written and read
+    kv_writes = 2 * TOKENS * 4
+    kv_reads = 2 * BATCH * (SEQ * (SEQ + 1) // 2) * 4
+    scores = BATCH * 2 * (SEQ * (SEQ + 1) // 2)
+    memory = Operations(macs=attention, activation_reads=kv_reads + scores, activation_writes=kv_writes + scores)
+    for i in range(2):
+        assert report.operations(layers[f"layers.{i}.self_attn.products"]) == memory
+        assert report.dense_operations(layers[f"layers.{i}.self_attn.products"]) == memory
+    total = Operations(*(a + b for a, b in zip(vars(total).values(), (0, 0, 0, 0, 2 * memory.activation_reads,
+                                                                        2 * memory.activation_writes, 0))))
     # energy by term, in picojoules: compute, weights, activations, events
     split = report.energy
     pj = 1e-12
@@ -182,8 +191,13 @@ def test_spiking_attention_scale_products(key_granularity, graded_values):
     pairs = 2 * 4 * 6 * 7 // 2  # batch × query heads × causal pairs: the most scale products per role
     assert scale <= 2 * pairs + (2 * 2 * 6 * 4 if key_granularity == "channel" else 0)
     assert (level_sops > sops) == graded_values
+    # the KV cache holds signed counts: their width is the encoders' bits; the scores are floats
+    bits = max(attention.encoder[role].bits for role in ("key", "value"))
+    assert products.kv_bits == bits
+    width, kv_writes, kv_reads, scores = bits / 32, 2 * 2 * 6 * 2 * 4, 2 * (pairs // 2) * 4, pairs
     ops = report.operations(products)
-    assert ops == Operations(macs=macs + scale, acs=level_sops, events=products.spikes)  # no memory: KV cache left out
+    assert ops == Operations(macs=macs + scale, acs=level_sops, events=products.spikes,
+                             activation_reads=kv_reads * width + scores, activation_writes=kv_writes * width + scores)
 
 
 def test_report_round_trip_and_reprice(tmp_path):
