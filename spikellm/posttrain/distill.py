@@ -7,15 +7,7 @@ from torch import Tensor, nn
 
 from spikellm.checks import check_float
 from spikellm.models.hf import causal_lm_logits
-from spikellm.training.task import LanguageModelTask
-
-
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over tokens (Hinton et al.; the T² keeps
-    the gradient's size independent of T). Logits ``[..., vocab]``; computed in fp32."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+from spikellm.training.task import LanguageModelTask, distillation_loss
 
 
 class DistillationTask(LanguageModelTask):

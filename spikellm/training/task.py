@@ -23,6 +23,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over tokens (Hinton et al.; the T² keeps
+    the gradient's size independent of T). Logits ``[..., vocab]``; computed in fp32."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
 class LanguageModelTask(pl.LightningModule):
     """What every causal-LM task shares: token-weighted validation perplexity, throughput
     logging, an optional spike-count term in the loss (``spike_loss``, see
@@ -157,11 +165,36 @@ class CausalLMTask(LanguageModelTask):
     def __init__(self, model: dict, neuron: dict | None = None, lr: float = 3e-3,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 30, min_lr_ratio: float = 0.1, max_steps: int = 1000,
-                 spike_loss: dict | None = None, compile: bool = False, activation_checkpointing: bool = False):
+                 spike_loss: dict | None = None, compile: bool = False, activation_checkpointing: bool = False,
+                 distill: dict | None = None):
         super().__init__(spike_loss, compile, activation_checkpointing)
         check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps)
         self.save_hyperparameters()
         self.model = build_model(model, neuron)
+        self._teacher = _teacher(distill)  # a tuple: not a submodule, not saved, not trained
+        theirs = [t.config.vocab_size for t in self._teacher if hasattr(t, "config")]
+        if theirs and theirs[0] != self.model.config.vocab_size:
+            raise ConfigError("distill.teacher", distill["teacher"], f"has a {theirs[0]}-token vocabulary and the "
+                              f"model {self.model.config.vocab_size}: the teacher must share the tokenizer")
+
+    def on_fit_start(self):
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
+    def training_loss(self, batch) -> tuple[Tensor, int]:
+        """Next-token cross-entropy, plus ``distill.weight`` times the KL to the teacher's
+        distributions when a teacher is given (``task.distill.teacher``)."""
+        if not self._teacher:
+            return self._loss(batch)
+        inputs, targets = batch
+        logits = self(inputs)
+        with torch.no_grad():
+            teacher_logits = self._teacher[0](inputs)
+        options = self.hparams.distill
+        kl = distillation_loss(logits, teacher_logits, options.get("temperature", 1.0))
+        self.log("train/kl", kl.detach())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss + options.get("weight", 1.0) * kl, targets.numel()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from spikellm.checkpoints.lightning import HPARAMS_DIGEST, model_digest
@@ -169,6 +202,25 @@ class CausalLMTask(LanguageModelTask):
         # eval.py rebuilds the model from these hyper-parameters: an edit that keeps every shape
         # (max_seq_len, n_heads) would load and compute something else
         checkpoint[HPARAMS_DIGEST] = model_digest(self.hparams["model"], self.hparams.get("neuron"))
+
+
+def _teacher(distill: dict | None) -> tuple:
+    """``(teacher,)`` for ``distill = {teacher: <model file>, weight, temperature}``, or ``()``: any
+    model file :func:`~spikellm.checkpoints.load_model` reads (a dense train.py run's checkpoint,
+    a Hugging Face directory), frozen, in eval mode, in fp32."""
+    options = dict(distill or {})
+    unknown = sorted(set(options) - {"teacher", "weight", "temperature"})
+    if unknown:
+        raise ConfigError(f"distill.{unknown[0]}", options[unknown[0]], "unknown option; distill takes teacher, "
+                                                                        "weight and temperature")
+    check_float("distill.weight", options.get("weight", 1.0), 0.0, 1e6)
+    check_float("distill.temperature", options.get("temperature", 1.0), 0.0, 100.0, low_open=True)
+    if not options.get("teacher") or not options.get("weight", 1.0):
+        return ()
+    from spikellm.checkpoints import load_model
+
+    teacher = load_model(options["teacher"], key="task.distill.teacher", dtype="float32").model
+    return (teacher.eval().requires_grad_(False),)
 
 
 def check_optimizer(lr, weight_decay, betas, warmup_steps, min_lr_ratio, max_steps) -> None:

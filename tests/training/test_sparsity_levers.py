@@ -97,3 +97,21 @@ def test_spike_loss_options_are_checked():
     with pytest.raises(ConfigError, match="unknown option; the spike loss takes weight, target, per_layer, "
                                           "nonzero_weight, nonzero_target"):
         SpikeObjective.from_config({"nonzero": 1})
+
+
+def test_train_py_distils_from_a_dense_teacher(tmp_path):
+    """``task.distill.teacher``: a dense run's checkpoint teaches a spiking run from scratch; the KL
+    term is logged and the loss stays finite; a teacher of another vocabulary is one line."""
+    from conftest import compose
+
+    from spikellm.training.pipeline import run_training
+
+    common = ["experiment=smoke", "trainer.max_steps=3", "+trainer.enable_progress_bar=false"]
+    teacher = run_training(compose([*common, "neuron=none"], tmp_path / "teacher")).checkpoint
+    student = run_training(compose([*common, f"task.distill.teacher={teacher}", "task.distill.temperature=2.0"],
+                                   tmp_path / "student"))
+    assert math.isfinite(student.val_ppl)
+    metrics = (student.log_dirs[0] / "metrics.csv").read_text()
+    assert "train/kl" in metrics.splitlines()[0]
+    with pytest.raises(ConfigError, match=r"task.distill.teacher=.* has a 512-token vocabulary and the model 640"):
+        run_training(compose([*common, f"task.distill.teacher={teacher}", "data.vocab_size=640"], tmp_path / "other"))
