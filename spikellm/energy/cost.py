@@ -201,8 +201,9 @@ class CostModel:
         """One line: what the model charges and what it leaves out (shown with every report)."""
         charged = ["compute (MACs, spike-driven ACs, scale products)"]
         if self.weight_read_pj:
+            per_input = self.weight_reads == "per_input" or self.events == "graded"
             charged.append(f"weight reads ({_pj(self.weight_read_pj)} per {self.weight_bits}-bit weight, "
-                           + ("once per spike" if self.weight_reads == "per_spike" else "once per non-zero input")
+                           + ("once per non-zero input" if per_input else "once per spike")
                            + "; dense: every weight per token)")
         if self.activation_read_pj or self.activation_write_pj:
             charged.append(f"activation memory ({_pj(self.activation_read_pj)} per input read, "

@@ -75,7 +75,9 @@ def read_run(directory: Path) -> RunPoint:
 
 def run_label(summary: dict, directory: Path) -> str:
     """The sweep's own overrides (``budget=mean_k1``), else the neuron's name and the directory."""
-    overrides = [o for o in summary.get("overrides") or [] if not o.startswith(("hydra.", "experiment="))]
+    # what sets the point, not how the run was watched (progress bars, callbacks, loggers)
+    overrides = [o for o in summary.get("overrides") or []
+                 if not o.lstrip("~+").startswith(("hydra.", "experiment=", "callbacks", "logger", "trainer.enable_"))]
     if overrides:
         return " ".join(overrides)
     name = (summary.get("neuron") or {}).get("name") or "dense"
