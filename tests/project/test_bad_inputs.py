@@ -41,7 +41,7 @@ CLI = [
     ("train.py", ["--cfg", "job", "trainer.max_step=3"], "error: trainer.max_step is not a key of the config"),
     ("train.py", ["-m", "neuron=ternary,lif_typo"], "error: neuron=lif_typo is not an option of the neuron group"),
     # a sweep without -m trained one default run with no word
-    ("train.py", ["experiment=spike_sweep"], "error: experiment=spike_sweep is a sweep over budget (10 runs): run "
+    ("train.py", ["experiment=spike_sweep"], "error: experiment=spike_sweep is a sweep over budget (11 runs): run "
                                              "it with -m"),
 ]
 
