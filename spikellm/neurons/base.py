@@ -58,6 +58,7 @@ class SpikeEncoder(ChannelAllocation, ABC):
         self.threshold_k = check_float("threshold_k", threshold_k, 0.0, 1e6, low_open=True)
         self.step_scale = nn.Parameter(torch.ones(())) if self.learnable_step else None
         self.dead_zone = 0.0  # inputs below dead_zone·Δ count zero (above 1/2: more zeros than rounding)
+        self.keep_top = 1.0  # the fraction of each token's inputs kept, the largest |x| (Q-Sparse's top-k)
         self.observers = []  # what watches the forwards (spikellm.neurons.observers)
 
     def __setattr__(self, name, value):
@@ -199,16 +200,20 @@ class SpikeEncoder(ChannelAllocation, ABC):
             with torch.no_grad():
                 return self.encode(x)
         step = self.element_step(x)
-        return self.counts(self._outside_dead_zone(x, step), step, *self.count_bounds()), step
+        return self.counts(self._zeroed(x, step), step, *self.count_bounds()), step
 
     @torch.no_grad()
     def spike_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Temporal form: ``(spikes [T, *x.shape], step)``."""
         step = self.element_step(x)
-        return self.train_from(self._outside_dead_zone(x, step), step, *self.count_bounds()), step
+        return self.train_from(self._zeroed(x, step), step, *self.count_bounds()), step
 
-    def _outside_dead_zone(self, x: Tensor, step: Tensor) -> Tensor:
-        # the same zeros for both forms: they encode the input with the dead zone cleared
+    def _zeroed(self, x: Tensor, step: Tensor) -> Tensor:
+        # the same zeros for both forms: they encode the input with the small inputs cleared
+        if self.keep_top < 1.0:  # ties at the k-th largest |x| are kept
+            top = max(1, round(self.keep_top * x.shape[-1]))
+            magnitude = x.float().abs()
+            x = x.masked_fill(magnitude < magnitude.topk(top, dim=-1).values[..., -1:], 0)
         if self.dead_zone <= 0.5:  # rounding already zeroes |x| < Δ/2
             return x
         return x.masked_fill(x.float().abs() < self.dead_zone * step, 0)
@@ -235,4 +240,5 @@ def threshold_repr(encoder: SpikeEncoder) -> str:
     """``threshold=mean, threshold_k=…, `` for the mean rule and ``dead_zone=…, `` where one is set;
     nothing for the default bound rule."""
     rule = "" if encoder.threshold == "bound" else f"threshold=mean, threshold_k={encoder.threshold_k}, "
-    return rule + (f"dead_zone={encoder.dead_zone}, " if encoder.dead_zone > 0.5 else "")
+    return (rule + (f"dead_zone={encoder.dead_zone}, " if encoder.dead_zone > 0.5 else "")
+            + (f"keep_top={encoder.keep_top}, " if encoder.keep_top < 1.0 else ""))

@@ -33,13 +33,16 @@ class TernaryEncoder(SpikeEncoder):
         threshold_k: k of the ``mean`` rule.
         dead_zone: inputs with ``|x| < dead_zone · Δ`` count zero; at most 1/2 is plain rounding, above
             it small activations fire nothing (fewer non-zero inputs, so fewer weight rows read).
+        keep_top: the fraction of each token's inputs that may fire, those of largest ``|x|`` (the
+            per-token top-k of Q-Sparse); 1 keeps them all.
     """
 
     def __init__(self, bits: int = 4, gamma: float = 1.0, clip: int | None = None, residual: str = "drop",
                  learnable_step: bool = False, granularity: str = "token", threshold: str = "bound",
-                 threshold_k: float = 1.0, dead_zone: float = 0.0):
+                 threshold_k: float = 1.0, dead_zone: float = 0.0, keep_top: float = 1.0):
         super().__init__(learnable_step, granularity, threshold, threshold_k)
         self.dead_zone = check_float("dead_zone", dead_zone, 0.0, 16.0)
+        self.keep_top = check_float("keep_top", keep_top, 0.0, 1.0, low_open=True)
         self.bits = check_int("bits", bits, 2, 16)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0, low_open=True)
         self._check_threshold_options()

@@ -36,6 +36,19 @@ def test_a_dead_zone_zeroes_small_inputs_in_both_forms(dead_zone):
     assert fused_reason(zoned) == "a dead zone" and fused_reason(plain) is None
 
 
+def test_a_per_token_top_k_keeps_the_largest_inputs_in_both_forms():
+    torch.manual_seed(0)
+    x = torch.randn(5, 40)
+    encoder = TernaryEncoder(bits=5, threshold="mean", keep_top=0.25)
+    counts, step = encoder.encode(x)
+    kept = x.abs() >= x.abs().topk(10, dim=-1).values[..., -1:]
+    assert torch.all(counts[~kept] == 0) and torch.equal(counts[kept], TernaryEncoder(bits=5, threshold="mean").encode(x)[0][kept])
+    assert ((counts != 0).sum(-1) <= 10).all()
+    train, _ = encoder.spike_train(x)
+    assert torch.equal(encoder.decode(train), counts)
+    assert "keep_top=0.25" in encoder.extra_repr() and fused_reason(encoder) == "a per-token top-k"
+
+
 def test_a_dead_zone_of_a_half_is_plain_rounding():
     x = torch.randn(4, 32)
     assert torch.equal(TernaryEncoder(dead_zone=0.5).encode(x)[0], TernaryEncoder().encode(x)[0])
