@@ -7,6 +7,8 @@ code, so the first compilation serves them all and compile time does not grow wi
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -60,6 +62,4 @@ class _Recomputed:
 
 def _contexts():
     # the forward as it runs, and its recomputation in backward: observers must count a forward once
-    import contextlib
-
     return contextlib.nullcontext(), recomputing()

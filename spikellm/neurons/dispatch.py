@@ -50,8 +50,10 @@ def counts_reason(encoder) -> str | None:
     contract, :class:`~spikellm.neurons.base.SpikeEncoder`, lists them all)."""
     if encoder.outlier_stream:
         return "an outlier stream beside the clipped train"
-    if encoder.dead_zone > 0.5 or encoder.keep_top < 1.0:
-        return "a dead zone" if encoder.dead_zone > 0.5 else "a per-token top-k"
+    if encoder.dead_zone > 0.5:
+        return "a dead zone"
+    if encoder.keep_top < 1.0:
+        return "a per-token top-k"
     for name in COLLAPSED_FORM:
         owner = next(c for c in type(encoder).__mro__ if name in c.__dict__)
         if name not in owner.__dict__.get("fused_overrides", ()):

@@ -118,14 +118,19 @@ class Forward:
         """The non-zero inputs' count, differentiable (None without a gradient)."""
         if self._x is None:
             return None
-        return self._once("nonzero", lambda: nonzero_term(self.encoder, self._x, self.counts))
+        return self._once("nonzero", lambda: nonzero_term(self.encoder, self._x, self.counts, self._stepped))
 
     @property
     def term(self) -> Tensor | None:
         """The spike count, differentiable through the collapsed form (None without a gradient)."""
         if self._x is None:
             return None
-        return self._once("term", lambda: spike_term(self.encoder, self._x, self.counts, self.spikes))
+        return self._once("term", lambda: spike_term(self.encoder, self._x, self.counts, self.spikes, self._stepped))
+
+    @property
+    def _stepped(self) -> tuple[Tensor, Tensor]:
+        # one differentiable step for the spike term and the non-zero term
+        return self._once("stepped", lambda: differentiable_step(self.encoder, self._x))
 
 
 _recomputing = [False]
@@ -151,25 +156,33 @@ def observe(encoder, siblings, counts: Tensor, outliers: Tensor | None, x: Tenso
         return
     forward = Forward(encoder, counts, outliers, x)
     if _recomputing[0]:
-        for _, terms in (pair for pair in listeners if isinstance(pair[1], SpikeTerms)):
-            forward.term  # noqa: B018 - the same operations as the first time, recorded nowhere
-            if terms.nonzero:
-                forward.nonzero_term  # noqa: B018
+        for _, observer in listeners:
+            if isinstance(observer, SpikeTerms):  # the same operations as the first time, recorded nowhere
+                forward.term  # noqa: B018
+                if observer.nonzero:
+                    forward.nonzero_term  # noqa: B018
         return
     for listener, observer in listeners:
         observer.observe(listener, forward)
 
 
-def spike_term(encoder, x: Tensor, counts: Tensor, spikes: Tensor) -> Tensor:
-    """The spike count of a forward, exactly ``spikes`` in value, differentiable through the
-    collapsed form: the gradient is that of ``Σ spike_proxy(|x| / Δ)`` with Δ's dependence on
-    ``x`` (its bound) and on the learned scale kept, and the rounding passed straight through.
-    A learned scale is the per-layer threshold the objective pushes up; the task loss pulls it
-    down."""
+def differentiable_step(encoder, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(magnitude, step)``: what the step is taken of, and the per-token step (before any
+    channel allocation) with its dependence on ``x`` and on a learned scale kept."""
     magnitude = encoder.magnitude(x)
     step = encoder._step_of(magnitude)
     if encoder.step_scale is not None:
         step = step * encoder.step_scale.abs().clamp_min(1e-4)
+    return magnitude, step
+
+
+def spike_term(encoder, x: Tensor, counts: Tensor, spikes: Tensor, stepped: tuple | None = None) -> Tensor:
+    """The spike count of a forward, exactly ``spikes`` in value, differentiable through the
+    collapsed form: the gradient is that of ``Σ spike_proxy(|x| / Δ)`` with Δ's dependence on
+    ``x`` (its bound) and on the learned scale kept, and the rounding passed straight through.
+    A learned scale is the per-layer threshold the objective pushes up; the task loss pulls it
+    down. ``stepped``: :func:`differentiable_step` of ``x`` when already made."""
+    magnitude, step = stepped or differentiable_step(encoder, x)
     slope = encoder.spike_proxy_slope
     if slope is not None and encoder.channel_scale is None and step.shape[-1] == 1:
         # a linear proxy of a per-token step: Σ_i |x_i| / Δ_t per token, without an element-wise
@@ -183,15 +196,12 @@ def spike_term(encoder, x: Tensor, counts: Tensor, spikes: Tensor) -> Tensor:
     return spikes + (proxy - proxy.detach())
 
 
-def nonzero_term(encoder, x: Tensor, counts: Tensor) -> Tensor:
+def nonzero_term(encoder, x: Tensor, counts: Tensor, stepped: tuple | None = None) -> Tensor:
     """The count of non-zero inputs of a forward, exact in value, with the gradient of
     ``Σ min(1, |x| / (2 z Δ))``: ``z Δ`` is where a count leaves zero (``z = 1/2`` for rounding,
     the dead zone where one is set), so inputs below twice that are pushed toward zero (and the
     step, through its dependence on ``x`` and a learned scale, up); larger ones stay non-zero."""
-    magnitude = encoder.magnitude(x)
-    step = encoder._step_of(magnitude)
-    if encoder.step_scale is not None:
-        step = step * encoder.step_scale.abs().clamp_min(1e-4)
+    magnitude, step = stepped or differentiable_step(encoder, x)
     if encoder.channel_scale is not None:
         step = step / encoder.channel_scale
     edge = 2 * max(0.5, encoder.dead_zone)

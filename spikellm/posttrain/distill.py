@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikellm.checks import check_float
 from spikellm.models.hf import causal_lm_logits
-from spikellm.training.task import LanguageModelTask, distillation_loss
+from spikellm.training.task import LanguageModelTask, distillation_loss, next_token_loss
 
 
 class DistillationTask(LanguageModelTask):
@@ -46,6 +45,6 @@ class DistillationTask(LanguageModelTask):
             teacher_logits = causal_lm_logits(self._teacher[0], inputs)
         loss = distillation_loss(logits, teacher_logits, self.hparams.temperature)
         if self.hparams.ce_weight:
-            loss = loss + self.hparams.ce_weight * F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = loss + self.hparams.ce_weight * next_token_loss(logits, targets)
         self.log("train/kl", loss.detach())
         return loss, targets.numel()

@@ -31,6 +31,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``logits [B, T, vocab]`` against ``targets [B, T]``, in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class LanguageModelTask(pl.LightningModule):
     """What every causal-LM task shares: token-weighted validation perplexity, throughput
     logging, an optional spike-count term in the loss (``spike_loss``, see
@@ -70,7 +75,7 @@ class LanguageModelTask(pl.LightningModule):
     def _loss(self, batch) -> tuple[Tensor, int]:
         inputs, targets = batch
         logits = self(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), targets.numel()
+        return next_token_loss(logits, targets), targets.numel()
 
     def training_loss(self, batch) -> tuple[Tensor, int]:
         return self._loss(batch)
@@ -193,7 +198,7 @@ class CausalLMTask(LanguageModelTask):
         options = self.hparams.distill
         kl = distillation_loss(logits, teacher_logits, options.get("temperature", 1.0))
         self.log("train/kl", kl.detach())
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = next_token_loss(logits, targets)
         return loss + options.get("weight", 1.0) * kl, targets.numel()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
